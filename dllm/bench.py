@@ -1,0 +1,131 @@
+"""Denoising speed: the engine's path beside the naive one, in one run.
+
+    python -m dllm.bench                                   # default model, CPU
+    python -m dllm.bench --model llada-8b --device cuda    # random weights, LLaDA-8B's shape
+
+For each canvas length and batch size it prints the time per denoising step
+and canvas tokens per second for
+  - "engine": prefix cache + batching (what the server runs),
+  - "naive": the whole sequence every step, requests one at a time,
+and the physical floor per step (weight bytes over the memory bandwidth
+measured in this run): no step can read its weights faster than that.
+Speed does not depend on the weights, so a preset name runs random weights.
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+from .chat import CHATML
+from .engine import Engine, EngineOptions
+from .model import PRESETS, Transformer
+from .sampler import SamplerOptions
+from .turn import Encoded
+
+
+def memory_bandwidth(device: torch.device, mbytes: int = 256, repeats: int = 5) -> float:
+    """Bytes per second of a large device-to-device copy (read + write counted)."""
+    n = mbytes * 2**20 // 4
+    src, dst = torch.randn(n, device=device), torch.empty(n, device=device)
+    times = []
+    for _ in range(repeats + 1):
+        _sync(device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return 2 * n * 4 / statistics.median(times[1:])
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def synthetic(prompt_len: int, canvas_len: int, mask_id: int, vocab: int, seed: int) -> Encoded:
+    """A request of the given sizes: random prompt tokens, an all-mask canvas."""
+    g = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(100, vocab - 100, (prompt_len,), generator=g).tolist()
+    return Encoded(prompt=prompt, canvas=[mask_id] * canvas_len, field=[0] * canvas_len, with_reply=False)
+
+
+def time_engine(engine: Engine, batch: list[Encoded], opts: SamplerOptions, cache: str, batched: bool,
+                repeats: int) -> float:
+    """Median seconds to denoise the whole batch."""
+    times = []
+    for _ in range(repeats + 1):  # the first run warms up
+        _sync(engine.device)
+        t0 = time.perf_counter()
+        if batched:
+            engine.generate(batch, opts, cache=cache)
+        else:
+            for e in batch:
+                engine.generate([e], opts, cache=cache)
+        _sync(engine.device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:])
+
+
+def load(model: str, device: str, dtype: torch.dtype) -> Engine:
+    if model == "default":
+        from . import load_engine
+        return load_engine(device=device, dtype=dtype)
+    if model not in PRESETS:
+        raise SystemExit(f"unknown model {model!r}: use 'default' or one of {sorted(PRESETS)}")
+    from .tokenizer import Tokenizer
+    cfg = PRESETS[model]
+    if cfg.attention != "prefix":  # our engine's exact cache needs the prefix structure
+        cfg = cfg.with_(attention="prefix")
+    with torch.device(device):
+        net = Transformer(cfg).to(dtype)
+    tok = Tokenizer(inner=None, eos_id=0, mask_id=cfg.mask_id, end_id=0)  # ids only; no text in a benchmark
+    return Engine(net, tok, CHATML, name=f"{model} (random weights)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="default", help="'default' or a preset name (random weights)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    ap.add_argument("--canvas", type=int, nargs="+", default=[64, 256])
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--prompt", type=int, default=128, help="prompt tokens")
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    print(f"loading {args.model} on {args.device} ...", file=sys.stderr, flush=True)
+    eng = load(args.model, args.device, dtype)
+    n_params = sum(p.numel() for p in eng.model.parameters())
+    weight_bytes = n_params * torch.finfo(dtype).bits // 8
+    bw = memory_bandwidth(eng.device)
+    floor_ms = weight_bytes / bw * 1000
+    opts = SamplerOptions(steps=args.steps)
+    dev_name = torch.cuda.get_device_name() if eng.device.type == "cuda" else \
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    print(f"command: python -m dllm.bench {' '.join(argv if argv is not None else sys.argv[1:])}")
+    print(f"model: {eng.name}, {n_params / 1e6:.1f}M parameters, {args.dtype}; device: {dev_name}")
+    print(f"memory bandwidth {bw / 1e9:.1f} GB/s; floor per step {floor_ms:.2f} ms "
+          f"({weight_bytes / 1e6:.0f} MB of weights); K = {args.steps}, prompt {args.prompt} tokens")
+    print(f"{'canvas':>6} {'batch':>5} | {'engine ms/step':>14} {'tok/s':>9} {'x floor':>7} | "
+          f"{'naive ms/step':>13} {'tok/s':>9} | {'speedup':>7}")
+    for n in args.canvas:
+        for b in args.batch:
+            batch = [synthetic(args.prompt - i % 7, n, eng.cfg.mask_id, eng.cfg.vocab_size, i) for i in range(b)]
+            fast = time_engine(eng, batch, opts, eng.cache_mode, True, args.repeats)
+            slow = time_engine(eng, batch, opts, "none", False, max(1, args.repeats // 2))
+            per_fast, per_slow = fast / args.steps * 1000, slow / args.steps * 1000
+            print(f"{n:>6} {b:>5} | {per_fast:>14.1f} {n * b / fast:>9.0f} {per_fast / floor_ms:>7.1f} | "
+                  f"{per_slow:>13.1f} {n * b / slow:>9.0f} | {slow / fast:>6.1f}x", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,285 @@
+"""The diffusion LM engine: prefix cache, batching, and the asyncio front.
+
+`Engine.generate` runs one batch of same-shape canvases through the sampler:
+prompts are left-padded into one (B, P) block whose keys and values are
+computed once (the prefix cache), then each of the K steps runs only the
+canvas (B, N) against that cache. For models trained with the "prefix"
+structure the cache is exact; for bidirectional models (LLaDA, Dream) the
+"approx" mode follows Fast-dLLM: the prompt's keys and values are refreshed
+once per semi-autoregressive block and reused within it.
+
+The async side (`start`, `respond`, `cleanup`) queues requests in a bounded
+queue; one worker forms batches of one canvas shape and runs them on a single
+model thread, so the event loop stays free for sockets.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import Tensor
+
+from .chat import ChatFormat
+from .errors import EngineBusy, EngineClosed, RequestError
+from .model import KVCache, Transformer
+from .sampler import SamplerOptions, denoise
+from .tokenizer import Tokenizer
+from .turn import Encoded, Turn, TurnLayout, TurnResult, decode_field, encode_turn
+
+log = logging.getLogger(__name__)
+
+CACHE_MODES = ("auto", "exact", "approx", "none")
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """Engine settings; the defaults suit a voice server on one device."""
+
+    sampler: SamplerOptions = SamplerOptions()
+    layout: TurnLayout = TurnLayout()
+    cache: str = "auto"  # auto: exact for prefix models, approx for bidirectional ones
+    max_batch: int = 16
+    max_queue: int = 64  # waiting requests; past this, submit raises EngineBusy
+    batch_window_ms: float = 2.0  # how long the worker waits to gather a batch
+    seed: int = 0  # per-request seed for temperature > 0, so results repeat
+
+    def __post_init__(self) -> None:
+        if self.cache not in CACHE_MODES:
+            raise RequestError(f"cache must be one of {CACHE_MODES}, got {self.cache!r}")
+        if self.max_batch < 1 or self.max_queue < 1:
+            raise RequestError("max_batch and max_queue must be at least 1")
+
+
+@dataclass
+class _Pending:
+    enc: Encoded
+    sampler: SamplerOptions
+    future: asyncio.Future
+    key: tuple = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.key = (self.enc.shape_key, self.sampler)
+
+
+class Engine:
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, chat: ChatFormat, *,
+                 options: EngineOptions = EngineOptions(), name: str = "model"):
+        self.model = model.eval()
+        self.tok = tokenizer
+        self.chat = chat
+        self.options = options
+        self.name = name
+        self.device = next(model.parameters()).device
+        self.cfg = model.cfg
+        cache = options.cache
+        if cache == "auto":
+            cache = "exact" if self.cfg.attention == "prefix" else "approx"
+        if cache == "exact" and self.cfg.attention != "prefix":
+            raise RequestError(f"an exact prefix cache needs attention='prefix'; this model is {self.cfg.attention!r} "
+                               "(use cache='approx' or 'none')")
+        self.cache_mode = cache
+        self.forward_calls = 0  # model calls made by the sampler, for tests and benchmarks
+        self._pending: deque[_Pending] = deque()
+        self._wake = asyncio.Event()
+        self._worker: asyncio.Task | None = None
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dllm")
+        self._closed = False
+
+    # ----- the synchronous core -----
+
+    def encode(self, turn: Turn, *, with_reply: bool = True) -> Encoded:
+        return encode_turn(turn, self.tok, self.chat, mask_id=self.cfg.mask_id,
+                           layout=self.options.layout, with_reply=with_reply)
+
+    @torch.inference_mode()
+    def generate(self, batch: list[Encoded], sampler: SamplerOptions | None = None, *,
+                 cache: str | None = None, should_stop: Callable[[], bool] | None = None) -> list[list[int]]:
+        """Denoise a batch of same-length canvases; returns each filled canvas."""
+        sampler = sampler or self.options.sampler
+        cache = cache or self.cache_mode
+        n = len(batch[0].canvas)
+        if any(len(e.canvas) != n for e in batch):
+            raise RequestError("a batch must hold canvases of one length")
+        dev = self.device
+        P = max(len(e.prompt) for e in batch)
+        pad = self.tok.end_id
+        prompt = torch.tensor([[pad] * (P - len(e.prompt)) + e.prompt for e in batch], device=dev)  # (B, P)
+        valid = torch.tensor([[False] * (P - len(e.prompt)) + [True] * len(e.prompt) for e in batch], device=dev)
+        lengths = valid.sum(-1, keepdim=True)  # (B, 1)
+        p_pos = (torch.arange(P, device=dev) - (P - lengths)).clamp(min=0)  # (B, P)
+        c_pos = lengths + torch.arange(n, device=dev)  # (B, N)
+        canvas = torch.tensor([e.canvas for e in batch], device=dev)  # (B, N)
+        field = torch.tensor(batch[0].field, device=dev)
+        key_valid = torch.cat([valid, torch.ones_like(canvas, dtype=torch.bool)], dim=1)
+        predict = self._predictor(prompt, valid, p_pos, c_pos, key_valid, cache, sampler)
+        seeds = [self.options.seed] * len(batch)
+        out = denoise(predict, canvas, self.cfg.mask_id, field, self.tok.end_id, sampler,
+                      seeds=seeds, should_stop=should_stop)
+        return out.tolist()
+
+    def _predictor(self, prompt: Tensor, valid: Tensor, p_pos: Tensor, c_pos: Tensor, key_valid: Tensor,
+                   cache: str, sampler: SamplerOptions) -> Callable[[Tensor, int], Tensor]:
+        """The per-step function: canvas (B, N) -> logits (B, N, V) for the canvas."""
+        model, shift, P = self.model, self.cfg.shift_logits, prompt.shape[1]
+        state: dict[str, object] = {}
+
+        def full(canvas: Tensor, save: bool) -> tuple[Tensor, KVCache | None]:
+            tokens = torch.cat([prompt, canvas], dim=1)
+            pos = torch.cat([p_pos, c_pos], dim=1)
+            h, kv = model.hidden(tokens, pos, prefix_len=P, key_valid=key_valid, save_cache=save)
+            h = h[:, P - 1: -1] if shift else h[:, P:]
+            return model.lm_head(h), kv
+
+        def with_cache(canvas: Tensor) -> Tensor:
+            kv, last = state["kv"], state["last"]
+            h, _ = model.hidden(canvas, c_pos, prefix_len=P, key_valid=key_valid, cache=kv)
+            if shift:  # canvas position j is read from row j - 1; row -1 is the prompt's last
+                return torch.cat([last, model.lm_head(h[:, :-1])], dim=1)
+            return model.lm_head(h)
+
+        def exact(canvas: Tensor, step: int) -> Tensor:
+            self.forward_calls += 1
+            if "kv" not in state:
+                h, kv = model.hidden(prompt, p_pos, prefix_len=P, key_valid=valid, save_cache=True)
+                state["kv"], state["last"] = kv, model.lm_head(h[:, -1:])
+            return with_cache(canvas)
+
+        def approx(canvas: Tensor, step: int) -> Tensor:
+            self.forward_calls += 1
+            if step % (sampler.steps // sampler.blocks) == 0:  # refresh at each block's start
+                logits, kv = full(canvas, save=True)
+                kv.keys = [k[:, :, :P] for k in kv.keys]
+                kv.values = [v[:, :, :P] for v in kv.values]
+                kv.valid = valid
+                state["kv"], state["last"] = kv, logits[:, :1]
+                return logits
+            return with_cache(canvas)
+
+        def none(canvas: Tensor, step: int) -> Tensor:
+            self.forward_calls += 1
+            return full(canvas, save=False)[0]
+
+        return {"exact": exact, "approx": approx, "none": none}[cache]
+
+    def _finish(self, enc: Encoded, ids: list[int], sampler: SamplerOptions, ms: float) -> TurnResult:
+        cleaned = decode_field(ids, enc.field, 0, self.tok, self.cfg.mask_id)
+        reply = decode_field(ids, enc.field, 1, self.tok, self.cfg.mask_id) if enc.with_reply else ""
+        return TurnResult(raw=enc.raw, cleaned=cleaned, reply=reply, steps=sampler.steps,
+                          canvas=len(enc.canvas), ms=ms)
+
+    def run(self, encs: list[Encoded], sampler: SamplerOptions | None = None) -> list[TurnResult]:
+        """Blocking: run encoded turns, batching those of one canvas shape."""
+        sampler = sampler or self.options.sampler
+        results: dict[int, TurnResult] = {}
+        groups: dict[tuple, list[int]] = {}
+        for i, e in enumerate(encs):
+            groups.setdefault(e.shape_key, []).append(i)
+        for idx in groups.values():
+            for start in range(0, len(idx), self.options.max_batch):
+                chunk = idx[start:start + self.options.max_batch]
+                t0 = time.perf_counter()
+                outs = self.generate([encs[i] for i in chunk], sampler)
+                ms = (time.perf_counter() - t0) * 1000
+                for i, ids in zip(chunk, outs):
+                    results[i] = self._finish(encs[i], ids, sampler, ms)
+        return [results[i] for i in range(len(encs))]
+
+    def respond_sync(self, turn: Turn, *, steps: int | None = None) -> TurnResult:
+        return self.run([self.encode(turn)], self._sampler(steps))[0]
+
+    def cleanup_sync(self, texts: list[str], *, steps: int | None = None) -> list[TurnResult]:
+        return self.run([self.encode(Turn(t), with_reply=False) for t in texts], self._sampler(steps))
+
+    def _sampler(self, steps: int | None) -> SamplerOptions:
+        return self.options.sampler if steps is None else replace(self.options.sampler, steps=steps)
+
+    # ----- the asyncio front -----
+
+    async def start(self) -> None:
+        if self._worker is None:
+            self._wake = asyncio.Event()
+            self._worker = asyncio.create_task(self._work(), name="dllm-engine")
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._worker is not None:
+            self._worker.cancel()
+            try:
+                await asyncio.wait_for(self._worker, timeout=5)
+            except (asyncio.CancelledError, asyncio.TimeoutError):
+                pass
+            self._worker = None
+        while self._pending:
+            p = self._pending.popleft()
+            if not p.future.done():
+                p.future.set_exception(EngineClosed("the engine was shut down"))
+        self._thread.shutdown(wait=False, cancel_futures=True)
+
+    async def respond(self, turn: Turn, *, steps: int | None = None) -> TurnResult:
+        """Clean the transcript and write a reply, in one pass. Cancel the
+        awaiting task to withdraw the request (it leaves its batch)."""
+        return await self._submit(self.encode(turn), self._sampler(steps))
+
+    async def cleanup(self, text: str, *, steps: int | None = None) -> TurnResult:
+        """Clean a transcript only (no reply field; a shorter canvas)."""
+        return await self._submit(self.encode(Turn(text), with_reply=False), self._sampler(steps))
+
+    async def _submit(self, enc: Encoded, sampler: SamplerOptions) -> TurnResult:
+        if self._closed:
+            raise EngineClosed("the engine was shut down")
+        if self._worker is None:
+            await self.start()
+        live = sum(1 for p in self._pending if not p.future.done())
+        if live >= self.options.max_queue:
+            raise EngineBusy(f"the engine has {live} requests waiting (max_queue={self.options.max_queue}); retry later")
+        pending = _Pending(enc, sampler, asyncio.get_running_loop().create_future())
+        self._pending.append(pending)
+        self._wake.set()
+        return await pending.future
+
+    def _take_batch(self) -> list[_Pending]:
+        while self._pending and self._pending[0].future.done():  # cancelled while waiting
+            self._pending.popleft()
+        if not self._pending:
+            return []
+        key = self._pending[0].key
+        batch, rest = [], deque()
+        for p in self._pending:
+            if p.future.done():
+                continue
+            (batch if p.key == key and len(batch) < self.options.max_batch else rest).append(p)
+        self._pending = rest
+        return batch
+
+    async def _work(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wake.wait()
+            await asyncio.sleep(self.options.batch_window_ms / 1000)
+            batch = self._take_batch()
+            if not self._pending:
+                self._wake.clear()
+            if not batch:
+                continue
+            futures = [p.future for p in batch]
+            t0 = time.perf_counter()
+            try:
+                outs = await loop.run_in_executor(
+                    self._thread, lambda: self.generate([p.enc for p in batch], batch[0].sampler,
+                                                        should_stop=lambda: all(f.done() for f in futures)))
+            except Exception as e:  # reported to every caller of the batch; the worker carries on
+                log.exception("batch of %d failed", len(batch))
+                for f in futures:
+                    if not f.done():
+                        f.set_exception(e)
+                continue
+            ms = (time.perf_counter() - t0) * 1000
+            for p, ids in zip(batch, outs):
+                if not p.future.done():
+                    p.future.set_result(self._finish(p.enc, ids, p.sampler, ms))

@@ -1,0 +1,152 @@
+"""The fixed-cost denoising sampler for masked diffusion LMs.
+
+A canvas of N positions, some fixed and some masked, is filled in exactly K
+model calls. Each step predicts every masked position, scores its confidence
+and commits the most confident ones:
+
+  - "linear" (LLaDA, Nie et al. 2025, low-confidence remasking): about
+    remaining / steps_left positions a step, so everything is committed by
+    step K;
+  - "threshold" (Fast-dLLM, Wu et al. 2025): every position whose confidence
+    passes the threshold, and never fewer than the linear quota, so it still
+    finishes within K steps (sooner when the model is sure).
+
+Optional semi-autoregressive blocks fill the canvas left to right, K / blocks
+steps each. Everything is batched with static shapes: per-row quotas become a
+rank comparison, never a Python loop over rows or a host sync inside a step.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .errors import RequestError
+
+CONFIDENCE_KINDS = ("prob", "margin", "entropy")
+SCHEDULES = ("linear", "threshold")
+
+
+@dataclass(frozen=True)
+class SamplerOptions:
+    """How a canvas is denoised. The defaults suit the voice turn."""
+
+    steps: int = 8  # K: model calls per canvas, the speed-versus-quality dial
+    schedule: str = "linear"
+    threshold: float = 0.9  # for schedule="threshold"
+    confidence: str = "prob"  # what ranks positions: prob, margin (top1 - top2), or -entropy
+    temperature: float = 0.0  # 0: greedy; >0: Gumbel-max sampling, seeded per request
+    blocks: int = 1  # semi-autoregressive blocks (1: the whole canvas at once)
+    fill_after_end: bool = True  # once a field commits its end token, pad the rest of it
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise RequestError(f"steps must be at least 1, got {self.steps}")
+        if self.schedule not in SCHEDULES:
+            raise RequestError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.confidence not in CONFIDENCE_KINDS:
+            raise RequestError(f"confidence must be one of {CONFIDENCE_KINDS}, got {self.confidence!r}")
+        if self.blocks < 1 or self.steps % self.blocks:
+            raise RequestError(f"blocks ({self.blocks}) must be at least 1 and divide steps ({self.steps})")
+        if self.temperature < 0:
+            raise RequestError(f"temperature must be >= 0, got {self.temperature}")
+
+
+def score(logits: Tensor, kind: str, temperature: float = 0.0,
+          noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Predicted tokens and their confidence for logits (..., V).
+
+    With `noise` (Gumbel, same shape) and temperature > 0 the token is
+    sampled by Gumbel-max; the confidence is still read from the clean
+    distribution. This is the PyTorch reference; `kernels` fuses it.
+    """
+    logits = logits.float()
+    if temperature > 0:
+        logits = logits / temperature
+    tokens = (logits + noise).argmax(-1) if noise is not None else logits.argmax(-1)
+    logp = torch.log_softmax(logits, dim=-1)
+    if kind == "prob":
+        conf = logp.gather(-1, tokens[..., None]).squeeze(-1).exp()
+    elif kind == "margin":
+        top2 = logp.topk(2, dim=-1).values.exp()
+        conf = top2[..., 0] - top2[..., 1]
+    else:  # negative entropy: peaked distributions first
+        conf = (logp.exp() * logp).sum(-1)
+    return tokens, conf
+
+
+def gumbel_noise(shape: tuple[int, ...], seeds: list[int], device: torch.device) -> Tensor:
+    """Gumbel noise (B, ...) with one generator per row, so a request samples
+    the same tokens batched or alone."""
+    rows = []
+    for seed in seeds:
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        u = torch.rand(shape[1:], generator=g, dtype=torch.float32).clamp_(1e-10, 1.0)
+        rows.append(-torch.log(-torch.log(u)))
+    return torch.stack(rows).to(device)
+
+
+def _commit_mask(conf: Tensor, candidates: Tensor, steps_left: int, opts: SamplerOptions) -> Tensor:
+    """Which candidate positions (B, N) to commit this step."""
+    remaining = candidates.sum(-1, keepdim=True)  # (B, 1)
+    quota = (remaining + steps_left - 1) // steps_left  # ceil: done by the last step
+    conf = conf.masked_fill(~candidates, float("-inf"))
+    if opts.schedule == "threshold":
+        quota = torch.maximum(quota, ((conf > opts.threshold) & candidates).sum(-1, keepdim=True))
+    order = conf.argsort(dim=-1, descending=True, stable=True)
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(conf.shape[-1], device=conf.device).expand_as(order))
+    return (rank < quota) & candidates
+
+
+def _fill_after_end(canvas: Tensor, masked: Tensor, fields: list[Tensor], end_id: int) -> Tensor:
+    """Mark masked positions that follow a committed end token in their field."""
+    fill = torch.zeros_like(masked)
+    for in_field in fields:  # each (N,) bool
+        seen_end = ((canvas == end_id) & ~masked & in_field).int().cummax(-1).values.bool()
+        fill |= seen_end & masked & in_field
+    return fill
+
+
+def denoise(predict: Callable[[Tensor, int], Tensor], canvas: Tensor, mask_id: int, field: Tensor,
+            end_id: int, opts: SamplerOptions, *, seeds: list[int] | None = None,
+            should_stop: Callable[[], bool] | None = None) -> Tensor:
+    """Fill every `mask_id` position of `canvas` (B, N) in `opts.steps` calls.
+
+    `predict(canvas, step)` returns logits (B, N, V) for every canvas position
+    (already shifted for models with shifted logits). `field` (N,) numbers
+    the canvas fields (-1 for fixed text); it drives end-token filling and
+    the semi-autoregressive blocks. Returns the filled canvas. Stops early
+    only if every position is committed (threshold schedule) or if
+    `should_stop()` says the callers have gone.
+    """
+    canvas = canvas.clone()
+    B, N = canvas.shape
+    editable = canvas == mask_id
+    # Blocks split the editable positions, in order, into equal runs.
+    order = editable.int().cumsum(-1) - 1  # (B, N): index among editable positions
+    n_edit = editable.sum(-1, keepdim=True).clamp(min=1)
+    block_of = torch.where(editable, order * opts.blocks // n_edit, -1)
+    steps_per_block = opts.steps // opts.blocks
+    fields = [field == f for f in field.unique().tolist() if f >= 0]
+    for step in range(opts.steps):
+        if should_stop is not None and should_stop():
+            break
+        masked = canvas == mask_id
+        block = step // steps_per_block
+        candidates = masked & (block_of == block)
+        logits = predict(canvas, step)
+        noise = gumbel_noise(tuple(logits.shape), [s + step for s in seeds], logits.device) \
+            if opts.temperature > 0 and seeds is not None else None
+        tokens, conf = score(logits, opts.confidence, opts.temperature, noise)
+        steps_left = steps_per_block - step % steps_per_block
+        commit = _commit_mask(conf, candidates, steps_left, opts)
+        canvas = torch.where(commit, tokens, canvas)
+        if opts.fill_after_end:
+            masked = canvas == mask_id
+            canvas = torch.where(_fill_after_end(canvas, masked, fields, end_id), end_id, canvas)
+        # The threshold schedule may finish early; the check costs a host sync.
+        if opts.schedule == "threshold" and not (canvas == mask_id).any():
+            break
+    return canvas

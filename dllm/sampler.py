@@ -55,13 +55,21 @@ class SamplerOptions:
 
 
 def score(logits: Tensor, kind: str, temperature: float = 0.0,
-          noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
+          noise: Tensor | None = None, *, fused: bool | None = None) -> tuple[Tensor, Tensor]:
     """Predicted tokens and their confidence for logits (..., V).
 
     With `noise` (Gumbel, same shape) and temperature > 0 the token is
     sampled by Gumbel-max; the confidence is still read from the clean
-    distribution. This is the PyTorch reference; `kernels` fuses it.
+    distribution. `fused` (default: on CUDA) goes through `kernels.confidence`,
+    one pass over the logits in Triton; otherwise this PyTorch code runs.
     """
+    if logits.is_cuda if fused is None else fused:
+        import kernels
+        V = logits.shape[-1]
+        c = kernels.confidence(logits.reshape(-1, V), temperature=temperature or 1.0,
+                               noise=None if noise is None else noise.reshape(-1, V))
+        conf = {"prob": c.prob, "margin": c.margin, "entropy": -c.entropy}[kind]
+        return c.token.view(logits.shape[:-1]), conf.view(logits.shape[:-1])
     logits = logits.float()
     if temperature > 0:
         logits = logits / temperature

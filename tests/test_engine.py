@@ -208,3 +208,16 @@ def test_steps_override_and_layout(tiny_engine):
     assert res.steps == 2
     eng = make_tiny_engine(layout=replace(TurnLayout(), reply_tokens=8))
     assert len(eng.encode(Turn("hello")).canvas) < len(tiny_engine.encode(Turn("hello")).canvas)
+
+
+def test_kernel_confidence_agrees_with_sampler_scores():
+    """The path used on CUDA (kernels.confidence, here its reference) ranks as the sampler does."""
+    from dllm.sampler import CONFIDENCE_KINDS, gumbel_noise, score
+    logits = torch.randn(2, 6, 300) * 3
+    noise = gumbel_noise((2, 6, 300), [1, 2], torch.device("cpu"))
+    for kind in CONFIDENCE_KINDS:
+        for temperature, n in [(0.0, None), (0.7, noise)]:
+            tok_a, conf_a = score(logits, kind, temperature, n, fused=False)
+            tok_b, conf_b = score(logits, kind, temperature, n, fused=True)
+            assert torch.equal(tok_a, tok_b)
+            torch.testing.assert_close(conf_a, conf_b, rtol=1e-4, atol=1e-5)

@@ -22,7 +22,7 @@ import time
 import torch
 
 from .chat import CHATML
-from .engine import Engine, EngineOptions
+from .engine import Engine
 from .model import PRESETS, Transformer
 from .sampler import SamplerOptions
 from .turn import Encoded

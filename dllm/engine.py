@@ -202,7 +202,9 @@ class Engine:
     # ----- the asyncio front -----
 
     async def start(self) -> None:
-        if self._worker is None:
+        """Start the batching worker on the running loop (again, if an earlier loop has gone)."""
+        worker = self._worker
+        if worker is None or worker.done() or worker.get_loop() is not asyncio.get_running_loop():
             self._wake = asyncio.Event()
             self._worker = asyncio.create_task(self._work(), name="dllm-engine")
 
@@ -233,8 +235,7 @@ class Engine:
     async def _submit(self, enc: Encoded, sampler: SamplerOptions) -> TurnResult:
         if self._closed:
             raise EngineClosed("the engine was shut down")
-        if self._worker is None:
-            await self.start()
+        await self.start()
         live = sum(1 for p in self._pending if not p.future.done())
         if live >= self.options.max_queue:
             raise EngineBusy(f"the engine has {live} requests waiting (max_queue={self.options.max_queue}); retry later")

@@ -1,8 +1,14 @@
 """Shared fixtures: real packaged models, loaded once per test session."""
 from __future__ import annotations
 
-import pytest
-import torch
+import os
+
+# OpenMP threads that spin while waiting starve everything else on a small,
+# shared CPU (seen: a 1 s turn took 33 s under load); set before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 torch.set_num_threads(2)
 

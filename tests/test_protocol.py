@@ -1,0 +1,162 @@
+"""The wire protocol as pure functions: parsing client frames and building events, no sockets."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from voice import protocol as P
+from voice.errors import ProtocolError
+
+
+def code_of(data, *, started=True) -> str:
+    with pytest.raises(ProtocolError) as info:
+        P.parse_frame(data, started=started)
+    return info.value.code
+
+
+def test_session_start_parses_with_defaults():
+    """A minimal session.start gives the rate asked for and no extras."""
+    msg = P.parse_frame('{"type": "session.start", "sample_rate": 16000}', started=False)
+    assert msg == P.SessionStart(sample_rate=16000)
+
+
+@pytest.mark.parametrize("rate", P.INPUT_SAMPLE_RATES)
+def test_every_supported_rate_is_accepted(rate):
+    """Each documented input rate parses."""
+    assert P.parse_frame(json.dumps({"type": "session.start", "sample_rate": rate}), started=False).sample_rate == rate
+
+
+def test_session_start_optional_fields():
+    """knowledge, steps and output_sample_rate are read and checked."""
+    msg = P.parse_frame(json.dumps({"type": "session.start", "sample_rate": 48000, "knowledge": "  Open 9-5. ",
+                                    "steps": 4, "output_sample_rate": 24000, "future_field": 1}), started=False)
+    assert msg == P.SessionStart(sample_rate=48000, knowledge="Open 9-5.", steps=4, output_sample_rate=24000)
+    assert code_of('{"type": "session.start", "sample_rate": 16000, "steps": 0}', started=False) == "bad_message"
+    assert code_of('{"type": "session.start", "sample_rate": 16000, "knowledge": 5}', started=False) == "bad_message"
+    assert code_of('{"type": "session.start", "sample_rate": 16000, "output_sample_rate": 11025}',
+                   started=False) == "bad_sample_rate"
+
+
+@pytest.mark.parametrize("rate", [11025, 0, -16000, 16000.5, "16000", True, None])
+def test_unsupported_sample_rate(rate):
+    """Rates outside the list, and non-integers, are refused with the accepted list in the message."""
+    with pytest.raises(ProtocolError) as info:
+        P.parse_frame(json.dumps({"type": "session.start", "sample_rate": rate}), started=False)
+    assert info.value.code == "bad_sample_rate"
+    assert "16000" in info.value.message
+
+
+def test_missing_sample_rate():
+    """session.start without a rate says which field is needed."""
+    with pytest.raises(ProtocolError) as info:
+        P.parse_frame('{"type": "session.start"}', started=False)
+    assert info.value.code == "bad_sample_rate" and "sample_rate" in info.value.message
+
+
+def test_anything_before_session_start_is_refused():
+    """Audio, text and input.end before session.start get not_started."""
+    assert code_of(b"\x00\x00", started=False) == "not_started"
+    assert code_of('{"type": "text", "text": "hi"}', started=False) == "not_started"
+    assert code_of('{"type": "input.end"}', started=False) == "not_started"
+
+
+def test_second_session_start():
+    """A second session.start is refused, not applied."""
+    assert code_of('{"type": "session.start", "sample_rate": 16000}') == "already_started"
+
+
+def test_audio_frames():
+    """Even-length PCM passes through; odd-length and oversized frames are refused."""
+    assert P.parse_frame(b"\x01\x00\x02\x00", started=True) == P.Audio(b"\x01\x00\x02\x00")
+    assert code_of(b"\x01\x00\x02") == "bad_audio"
+    assert code_of(bytes(P.MAX_AUDIO_FRAME_BYTES + 2)) == "frame_too_large"
+    assert P.parse_frame(bytes(P.MAX_AUDIO_FRAME_BYTES), started=True).pcm == bytes(P.MAX_AUDIO_FRAME_BYTES)
+
+
+@pytest.mark.parametrize("data", ["{not json", "[1, 2]", '"text"', "", "\ud800"])
+def test_malformed_json(data):
+    """Text frames that are not JSON objects get bad_json."""
+    assert code_of(data) == "bad_json"
+
+
+def test_unknown_and_missing_type():
+    """An unknown type names the known ones; a missing type is a bad message."""
+    with pytest.raises(ProtocolError) as info:
+        P.parse_frame('{"type": "dance"}', started=True)
+    assert info.value.code == "unknown_type" and "session.start" in info.value.message
+    assert code_of('{"text": "hi"}') == "bad_message"
+    assert code_of('{"type": 7}') == "bad_message"
+
+
+def test_text_turns():
+    """Typed text is whitespace-normalised; empty, non-string and overlong text is refused."""
+    assert P.parse_frame('{"type": "text", "text": "  hello \\n there "}', started=True) == P.TextTurn("hello there")
+    assert code_of('{"type": "text", "text": "   "}') == "bad_message"
+    assert code_of('{"type": "text", "text": 5}') == "bad_message"
+    assert code_of(json.dumps({"type": "text", "text": "a" * (P.MAX_TEXT_CHARS + 1)})) == "bad_message"
+
+
+def test_control_messages():
+    """input.end and interrupt parse to their messages."""
+    assert P.parse_frame('{"type": "input.end"}', started=True) == P.InputEnd()
+    assert P.parse_frame('{"type": "interrupt"}', started=True) == P.Interrupt()
+
+
+def test_oversized_text_frame():
+    """A text frame past the limit is refused before it is parsed."""
+    assert code_of(json.dumps({"type": "text", "text": "x" * P.MAX_TEXT_FRAME_BYTES})) == "frame_too_large"
+
+
+def test_cleanup_requests():
+    """/cleanup requests keep their id; bad ones say why, and the id is still found for the reply."""
+    assert P.parse_cleanup('{"id": 7, "text": "um so yeah"}') == P.CleanupRequest(7, "um so yeah")
+    assert P.parse_cleanup('{"text": "hi"}') == P.CleanupRequest(None, "hi")
+    for bad, code in [('{"id": 1}', "bad_message"), ("nope", "bad_json"), (b"\x00", "bad_message"),
+                      ('{"id": [1], "text": "x"}', "bad_message")]:
+        with pytest.raises(ProtocolError) as info:
+            P.parse_cleanup(bad)
+        assert info.value.code == code
+    assert P.request_id('{"id": "a-1"}') == "a-1"
+    assert P.request_id("garbage") is None
+
+
+def test_events_are_compact_json_with_a_type():
+    """Builders give one JSON object per event, None fields left out."""
+    ready = json.loads(P.session_ready("abc", input_sample_rate=48000, output_sample_rate=22050, steps=8))
+    assert ready == {"type": "session.ready", "session_id": "abc", "protocol": P.PROTOCOL_VERSION,
+                     "input_sample_rate": 48000, "output_sample_rate": 22050, "steps": 8}
+    assert json.loads(P.speech_stopped(1200)) == {"type": "vad.speech_stopped", "t_ms": 1200}
+    assert json.loads(P.speech_stopped(1200, discarded=True))["discarded"] is True
+    assert json.loads(P.error("bad_audio", "odd"))  == {"type": "error", "code": "bad_audio", "message": "odd"}
+    assert json.loads(P.error("busy", "x", turn_id=3))["turn_id"] == 3
+    assert P.parse_server_event(P.transcript_partial("héllo"))["text"] == "héllo"
+    for build in (P.turn_cleaned, P.turn_reply, P.transcript_final):
+        assert json.loads(build(2, "x"))["turn_id"] == 2
+
+
+def test_turn_done_rounds_timings_and_keeps_nulls():
+    """turn.done carries every timing (rounded to 0.1 ms) and voice_to_voice_ms, null when not measured."""
+    done = json.loads(P.turn_done(4, timings={"asr_ms": 312.345, "llm_ms": 800.0}, voice_to_voice_ms=None))
+    assert done == {"type": "turn.done", "turn_id": 4, "timings": {"asr_ms": 312.3, "llm_ms": 800.0},
+                    "voice_to_voice_ms": None}
+    assert json.loads(P.turn_done(4, timings={}, voice_to_voice_ms=1234.56))["voice_to_voice_ms"] == 1234.6
+
+
+def test_cleanup_replies():
+    """Cleanup results echo id and text; errors carry the id too."""
+    assert json.loads(P.cleanup_result("r1", "um hi", "Hi.", ms=12.34)) == {
+        "type": "cleanup.result", "id": "r1", "text": "um hi", "cleaned": "Hi.", "ms": 12.3}
+    assert json.loads(P.cleanup_error(None, "bad_json", "x"))["id"] is None
+
+
+def test_model_errors_map_to_codes():
+    """Each model package's errors map to their protocol code."""
+    from asr import TranscriptionError
+    from dllm import EngineBusy, RequestError
+    from tts import SynthesisError
+    assert P.error_code_for(EngineBusy("full")) == "busy"
+    assert P.error_code_for(RequestError("too long")) == "bad_turn"
+    assert P.error_code_for(TranscriptionError("x")) == "asr_failed"
+    assert P.error_code_for(SynthesisError("x", "s")) == "tts_failed"
+    assert P.error_code_for(KeyError("x")) == "internal"

@@ -1,0 +1,248 @@
+"""End-to-end latency benchmark: spoken questions through /ws, timed per stage.
+
+    python -m voice.bench --n 10                  # a server in this process, default models
+    python -m voice.bench --n 10 --url ws://127.0.0.1:8765
+
+Each of N questions (a fixed list, spoken by piper and resampled to 16 kHz)
+goes to a fresh /ws session in 20 ms frames at real-time pace, followed by
+real-time silence until the server's endpointer closes the utterance and the
+turn ends, as a microphone would. The `turn.done` timings are collected and
+the median and p95 of every stage and of `voice_to_voice_ms` (end of speech
+to the first reply audio sent) are printed as a table, with the command and
+the machine. Nothing is timed inside a test; see docs/BENCHMARKS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import math
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = ["QUESTIONS", "TurnSample", "run_bench", "summarize", "main"]
+
+QUESTIONS = [
+    "What time does the library open on Saturday?",
+    "Where is the nearest bus stop?",
+    "Can you tell me how to get to the train station?",
+    "Is the museum open on Mondays?",
+    "How much does a ticket for the zoo cost?",
+    "Where can I find a good coffee shop around here?",
+    "What is the weather going to be like tomorrow?",
+    "Do you know when the next ferry leaves?",
+    "Which floor is the children's section on?",
+    "Can I bring my dog into the park?",
+    "How late is the swimming pool open tonight?",
+    "Where do I pay for parking?",
+]
+
+STAGES = ["endpoint_ms", "asr_wait_ms", "asr_ms", "llm_ms", "llm_model_ms", "reply_ms", "tts_first_ms",
+          "first_audio_ms", "tts_ms", "total_ms"]
+
+
+@dataclass
+class TurnSample:
+    question: str
+    transcript: str = ""
+    reply: str = ""
+    timings: dict[str, float] = field(default_factory=dict)
+    voice_to_voice_ms: float | None = None
+    audio_bytes: int = 0
+    error: str | None = None
+
+
+def speak_questions(n: int) -> list[tuple[str, np.ndarray]]:
+    """The first `n` questions (cycling) as 16 kHz int16 speech with 0.3 s of silence before."""
+    from tts import Synthesizer, resample
+
+    synth = Synthesizer.load()
+    out = []
+    for i in range(n):
+        text = QUESTIONS[i % len(QUESTIONS)]
+        pcm = resample(synth.synthesize_all(text), synth.sample_rate, 16000)
+        out.append((text, np.concatenate([np.zeros(4800, np.int16), pcm])))
+    return out
+
+
+async def one_turn(url: str, question: str, pcm: np.ndarray, *, chunk_ms: int = 20, speed: float = 1.0,
+                   timeout: float = 300.0) -> TurnSample:
+    """Play one utterance into a new session in real time, then silence until turn.done."""
+    from websockets.asyncio.client import connect
+
+    sample = TurnSample(question)
+    chunk = 16000 * chunk_ms // 1000
+    silence = bytes(chunk * 2)
+    data = pcm.astype("<i2").tobytes()
+    frames = [data[i:i + chunk * 2] for i in range(0, len(data), chunk * 2)]
+    async with connect(url.rstrip("/") + "/ws", max_size=None) as ws:
+        await ws.send(json.dumps({"type": "session.start", "sample_rate": 16000}))
+        done = asyncio.Event()
+
+        async def send() -> None:
+            t0 = time.monotonic()
+            i = 0
+            while not done.is_set():
+                await ws.send(frames[i] if i < len(frames) else silence)
+                i += 1
+                await asyncio.sleep(max(0.0, t0 + i * chunk_ms / 1000 / speed - time.monotonic()))
+
+        async def receive() -> None:
+            async for msg in ws:
+                if isinstance(msg, bytes):
+                    sample.audio_bytes += len(msg)
+                    continue
+                ev = json.loads(msg)
+                kind = ev["type"]
+                if kind == "transcript.final":
+                    sample.transcript = ev["text"]
+                elif kind == "turn.reply":
+                    sample.reply = ev["text"]
+                elif kind == "error":
+                    sample.error = f"{ev['code']}: {ev['message']}"
+                elif kind == "turn.done":
+                    sample.timings = {k: v for k, v in ev["timings"].items() if v is not None}
+                    sample.voice_to_voice_ms = ev["voice_to_voice_ms"]
+                    done.set()
+                    return
+
+        sender = asyncio.create_task(send())
+        try:
+            await asyncio.wait_for(receive(), timeout)
+        except asyncio.TimeoutError:
+            sample.error = f"no turn.done within {timeout:g} s"
+        finally:
+            done.set()
+            sender.cancel()
+            await asyncio.gather(sender, return_exceptions=True)
+    return sample
+
+
+async def run_bench(url: str, utterances: list[tuple[str, np.ndarray]], *, chunk_ms: int = 20,
+                    speed: float = 1.0, log=print) -> list[TurnSample]:
+    samples = []
+    for i, (question, pcm) in enumerate(utterances, 1):
+        s = await one_turn(url, question, pcm, chunk_ms=chunk_ms, speed=speed)
+        samples.append(s)
+        v2v = f"{s.voice_to_voice_ms:.0f} ms" if s.voice_to_voice_ms is not None else "-"
+        log(f"[{i}/{len(utterances)}] {question!r} -> heard {s.transcript!r}, reply {s.reply!r}, "
+            f"voice-to-voice {v2v}" + (f", ERROR {s.error}" if s.error else ""))
+    return samples
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0-100)."""
+    xs = sorted(values)
+    return xs[max(0, math.ceil(q / 100 * len(xs)) - 1)]
+
+
+def summarize(samples: list[TurnSample]) -> list[tuple[str, int, float, float]]:
+    """(stage, n, median, p95) rows for every stage seen, and voice_to_voice_ms last."""
+    rows = []
+    keys = [k for k in STAGES if any(k in s.timings for s in samples)]
+    keys += sorted({k for s in samples for k in s.timings} - set(keys) - {"speech_ms"})
+    for key in keys:
+        vals = [s.timings[key] for s in samples if key in s.timings]
+        rows.append((key, len(vals), statistics.median(vals), percentile(vals, 95)))
+    v2v = [s.voice_to_voice_ms for s in samples if s.voice_to_voice_ms is not None]
+    if v2v:
+        rows.append(("voice_to_voice_ms", len(v2v), statistics.median(v2v), percentile(v2v, 95)))
+    return rows
+
+
+def machine() -> str:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    parts = [f"{cpu}, {os.cpu_count()} cores", f"Python {platform.python_version()}", platform.platform()]
+    try:
+        import torch
+        parts.append(f"torch {torch.__version__} ({torch.get_num_threads()} threads)")
+        if torch.cuda.is_available():
+            parts.append(f"GPU {torch.cuda.get_device_name(0)}")
+    except ImportError:
+        pass
+    return "; ".join(parts)
+
+
+def table(rows: list[tuple[str, int, float, float]]) -> str:
+    lines = ["| stage | n | median ms | p95 ms |", "|---|---:|---:|---:|"]
+    lines += [f"| {k} | {n} | {med:.0f} | {p95:.0f} |" for k, n, med, p95 in rows]
+    return "\n".join(lines)
+
+
+async def _main(args: argparse.Namespace) -> int:
+    print(f"command: {' '.join(shlex.quote(a) for a in ['python', '-m', 'voice.bench', *sys.argv[1:]])}")
+    print(f"machine: {machine()}")
+    utterances = speak_questions(args.n)
+    server = None
+    url = args.url
+    if url is None:
+        from .server import ServerOptions, VoiceServer
+        from .services import ModelOptions, Services
+
+        adapter = None if args.adapter.lower() == "none" else args.adapter
+        services = Services.load(ModelOptions(model=args.model, device=args.device, steps=args.steps,
+                                              threads=args.threads, adapter=adapter))
+        server = VoiceServer(services, ServerOptions(port=0))
+        await server.start()
+        url = server.url
+        print(f"server: in-process at {url} (model {getattr(services.engine, 'name', '?')}, K={args.steps})")
+    else:
+        print(f"server: {url}")
+    try:
+        samples = await run_bench(url, utterances, chunk_ms=args.chunk_ms, speed=args.speed)
+    finally:
+        if server is not None:
+            await server.close()
+    errors = [s for s in samples if s.error]
+    replies = sum(1 for s in samples if s.reply)
+    print(f"\n{len(samples)} turns, {len(errors)} errors, {replies} non-empty replies "
+          f"(voice_to_voice_ms needs a spoken reply)\n")
+    print(table(summarize(samples)))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([s.__dict__ for s in samples], f, indent=1)
+    return 1 if errors else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m voice.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--n", type=int, default=10, help="utterances (default 10)")
+    p.add_argument("--url", help="a running server (ws://host:port); default: start one in this process")
+    p.add_argument("--model", help="dLLM checkpoint for the in-process server")
+    p.add_argument("--adapter", default="default", help="adapter directory, or 'none' (in-process server)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--steps", type=int, default=8, help="denoising steps K (in-process server)")
+    p.add_argument("--threads", type=int, help="CPU threads per model")
+    p.add_argument("--chunk-ms", type=int, default=20, help="audio per frame (default 20)")
+    p.add_argument("--speed", type=float, default=1.0, help="1.0 sends audio in real time")
+    p.add_argument("--json", metavar="FILE", help="also write every turn's sample here")
+    args = p.parse_args(argv)
+    if args.n < 1:
+        p.error("--n must be at least 1")
+    from .cli import _openmp_defaults
+    _openmp_defaults(args.threads)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    for noisy in ("faster_whisper", "websockets", "voice.server.ws"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    return asyncio.run(_main(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,372 @@
+"""The wire protocol of `/ws` (voice sessions) and `/cleanup`, as pure functions.
+
+Nothing here touches a socket: `parse_frame` turns one received WebSocket
+frame into a message dataclass or raises `ProtocolError` with an error code,
+and the `build` functions turn events into the JSON text the server sends.
+The server (`voice.server`) is a thin shell around these, in the manner of
+websockets' own I/O-free protocol core. `docs/protocol.md` is the reference
+for client authors.
+
+/ws, client to server:
+    {"type": "session.start", "sample_rate": 16000}  first; optional fields
+        "knowledge" (a facts card), "steps" (denoising steps K),
+        "output_sample_rate" (rate of the reply PCM)
+    binary frames: 16-bit little-endian mono PCM at `sample_rate`
+    {"type": "input.end"}         end the utterance now (forced endpoint)
+    {"type": "text", "text": ...} a typed turn
+    {"type": "interrupt"}         stop the reply (a stop button)
+
+/ws, server to client: text frames session.ready, vad.speech_started,
+vad.speech_stopped, transcript.partial, transcript.final, turn.cleaned,
+turn.reply, audio.start, audio.end, audio.flush, turn.interrupted, turn.done,
+error; binary frames of reply PCM (16-bit LE mono at output_sample_rate).
+
+/cleanup: {"id": ..., "text": "..."} in, {"id": ..., "cleaned": "..."} out.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, Union
+
+from .errors import ProtocolError
+
+__all__ = [
+    "PROTOCOL_VERSION", "INPUT_SAMPLE_RATES", "OUTPUT_SAMPLE_RATES", "MAX_AUDIO_FRAME_BYTES",
+    "MAX_TEXT_FRAME_BYTES", "MAX_MESSAGE_BYTES", "MAX_TEXT_CHARS", "MAX_KNOWLEDGE_CHARS", "MAX_STEPS",
+    "ErrorCode", "SessionStart", "Audio", "InputEnd", "TextTurn", "Interrupt", "ClientMessage",
+    "CleanupRequest", "parse_frame", "parse_json", "parse_cleanup", "request_id", "parse_server_event", "build",
+    "session_ready", "speech_started", "speech_stopped", "transcript_partial", "transcript_final",
+    "turn_cleaned", "turn_reply", "audio_start", "audio_end", "audio_flush", "turn_interrupted",
+    "turn_done", "error", "cleanup_result", "cleanup_error", "error_code_for",
+]
+
+PROTOCOL_VERSION = 1
+INPUT_SAMPLE_RATES = (8000, 16000, 22050, 24000, 44100, 48000)
+OUTPUT_SAMPLE_RATES = INPUT_SAMPLE_RATES
+# 64 KiB is 2 s of 16 kHz audio; clients send 20-100 ms frames. Larger audio
+# frames get an error event and are dropped.
+MAX_AUDIO_FRAME_BYTES = 64 * 1024
+MAX_TEXT_FRAME_BYTES = 64 * 1024  # a session.start with a knowledge card is the largest text frame
+# Past this the WebSocket layer itself closes the connection (code 1009).
+MAX_MESSAGE_BYTES = 1024 * 1024
+MAX_TEXT_CHARS = 2000  # the dLLM turn's own limit on a transcript
+MAX_KNOWLEDGE_CHARS = 16000  # the turn keeps the first 384 tokens anyway
+MAX_STEPS = 64
+MAX_ID_CHARS = 200
+
+
+class ErrorCode:
+    """The `code` of an `error` event. Errors are not fatal unless the server closes."""
+
+    BAD_JSON = "bad_json"  # a text frame that is not a JSON object
+    BAD_MESSAGE = "bad_message"  # a known type with missing or invalid fields
+    UNKNOWN_TYPE = "unknown_type"
+    NOT_STARTED = "not_started"  # anything but session.start before session.start
+    ALREADY_STARTED = "already_started"
+    BAD_SAMPLE_RATE = "bad_sample_rate"
+    BAD_AUDIO = "bad_audio"  # odd-length PCM (a sample split in two)
+    FRAME_TOO_LARGE = "frame_too_large"
+    NO_SPEECH = "no_speech"  # input.end with nothing said
+    BAD_TURN = "bad_turn"  # the model refused the turn (too long, empty)
+    BUSY = "busy"  # too many sessions or requests; retry later
+    ASR_FAILED = "asr_failed"
+    LLM_FAILED = "llm_failed"
+    TTS_FAILED = "tts_failed"
+    INTERNAL = "internal"
+
+
+# ----- client messages
+
+@dataclass(frozen=True)
+class SessionStart:
+    """Opens a voice session. `sample_rate` is the rate of the PCM the client sends."""
+
+    sample_rate: int = 16000
+    knowledge: str | None = None
+    steps: int | None = None  # None: the server's default
+    output_sample_rate: int | None = None  # None: the voice's own rate
+
+
+@dataclass(frozen=True)
+class Audio:
+    """A frame of 16-bit LE mono PCM at the session's input rate."""
+
+    pcm: bytes
+
+
+@dataclass(frozen=True)
+class InputEnd:
+    """The client says the utterance is over: endpoint now."""
+
+
+@dataclass(frozen=True)
+class TextTurn:
+    """A typed turn: skips VAD and ASR."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Interrupt:
+    """Stop the current reply, as a barge-in would."""
+
+
+ClientMessage = Union[SessionStart, Audio, InputEnd, TextTurn, Interrupt]
+
+
+@dataclass(frozen=True)
+class CleanupRequest:
+    id: Any  # echoed back as given: a string, a number or null
+    text: str
+
+
+def parse_json(data: str | bytes) -> dict:
+    """Decode a text frame that must hold a JSON object.
+
+    Raises `ProtocolError` (bad_json, frame_too_large).
+    """
+    if len(data) > MAX_TEXT_FRAME_BYTES:
+        raise ProtocolError(ErrorCode.FRAME_TOO_LARGE,
+                            f"text frame of {len(data)} bytes; at most {MAX_TEXT_FRAME_BYTES} are accepted")
+    try:
+        obj = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ProtocolError(ErrorCode.BAD_JSON, f"text frames must be JSON objects; this one did not parse: {e}") from e
+    if not isinstance(obj, dict):
+        raise ProtocolError(ErrorCode.BAD_JSON, f"text frames must be JSON objects, got a JSON {type(obj).__name__}")
+    return obj
+
+
+def _int_field(obj: dict, name: str) -> int | None:
+    v = obj.get(name)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v != int(v):
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"{name!r} must be an integer, got {v!r}")
+    return int(v)
+
+
+def _rate(obj: dict, name: str, accepted: tuple[int, ...], default: int | None) -> int | None:
+    try:
+        rate = _int_field(obj, name)
+    except ProtocolError as e:
+        raise ProtocolError(ErrorCode.BAD_SAMPLE_RATE, f"{e.message}; accepted rates: {list(accepted)}") from None
+    if rate is None:
+        return default
+    if rate not in accepted:
+        raise ProtocolError(ErrorCode.BAD_SAMPLE_RATE,
+                            f"{name} {rate} Hz is not supported; accepted rates: {list(accepted)}")
+    return rate
+
+
+def _session_start(obj: dict) -> SessionStart:
+    if obj.get("sample_rate") is None:
+        raise ProtocolError(ErrorCode.BAD_SAMPLE_RATE,
+                            f"session.start needs 'sample_rate', one of {list(INPUT_SAMPLE_RATES)}")
+    rate = _rate(obj, "sample_rate", INPUT_SAMPLE_RATES, None)
+    out_rate = _rate(obj, "output_sample_rate", OUTPUT_SAMPLE_RATES, None)
+    knowledge = obj.get("knowledge")
+    if knowledge is not None:
+        if not isinstance(knowledge, str):
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, "'knowledge' must be a string (the facts card)")
+        if len(knowledge) > MAX_KNOWLEDGE_CHARS:
+            raise ProtocolError(ErrorCode.BAD_MESSAGE,
+                                f"'knowledge' has {len(knowledge)} characters; at most {MAX_KNOWLEDGE_CHARS}")
+        knowledge = knowledge.strip() or None
+    steps = _int_field(obj, "steps")
+    if steps is not None and not 1 <= steps <= MAX_STEPS:
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"'steps' must be between 1 and {MAX_STEPS}, got {steps}")
+    return SessionStart(sample_rate=rate, knowledge=knowledge, steps=steps, output_sample_rate=out_rate)
+
+
+def _text(obj: dict, name: str = "text") -> str:
+    text = obj.get(name)
+    if not isinstance(text, str):
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"{name!r} must be a string")
+    text = " ".join(text.split())
+    if not text:
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"{name!r} is empty")
+    if len(text) > MAX_TEXT_CHARS:
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"{name!r} has {len(text)} characters; at most {MAX_TEXT_CHARS}")
+    return text
+
+
+_CLIENT_TYPES = ("session.start", "input.end", "text", "interrupt")
+_START_HINT = '{"type": "session.start", "sample_rate": N}'
+
+
+def parse_frame(data: str | bytes, *, started: bool) -> ClientMessage:
+    """Parse one frame a `/ws` client sent.
+
+    `data` is a str for a text frame and bytes for a binary one (as websockets
+    delivers them); `started` says whether session.start was accepted already.
+
+    Raises `ProtocolError` with the code to report; the frame is then dropped
+    and the session carries on.
+
+    >>> parse_frame('{"type": "session.start", "sample_rate": 48000}', started=False)
+    SessionStart(sample_rate=48000, knowledge=None, steps=None, output_sample_rate=None)
+    """
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        if not started:
+            raise ProtocolError(ErrorCode.NOT_STARTED, f"audio before session.start; send {_START_HINT} first")
+        n = len(data)
+        if n > MAX_AUDIO_FRAME_BYTES:
+            raise ProtocolError(ErrorCode.FRAME_TOO_LARGE,
+                                f"audio frame of {n} bytes; at most {MAX_AUDIO_FRAME_BYTES} are accepted "
+                                "(send 20-100 ms frames)")
+        if n % 2:
+            raise ProtocolError(ErrorCode.BAD_AUDIO,
+                                f"audio frame of {n} bytes: 16-bit PCM needs an even number of bytes; frame dropped")
+        return Audio(bytes(data))
+    obj = parse_json(data)
+    kind = obj.get("type")
+    if not isinstance(kind, str):
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, "every message needs a string 'type'")
+    if kind not in _CLIENT_TYPES:
+        raise ProtocolError(ErrorCode.UNKNOWN_TYPE,
+                            f"unknown message type {kind[:40]!r}; expected one of {list(_CLIENT_TYPES)}")
+    if kind == "session.start":
+        if started:
+            raise ProtocolError(ErrorCode.ALREADY_STARTED, "session.start was already accepted; ignored")
+        return _session_start(obj)
+    if not started:
+        raise ProtocolError(ErrorCode.NOT_STARTED, f"{kind!r} before session.start; send {_START_HINT} first")
+    if kind == "input.end":
+        return InputEnd()
+    if kind == "interrupt":
+        return Interrupt()
+    return TextTurn(_text(obj))
+
+
+def parse_cleanup(data: str | bytes) -> CleanupRequest:
+    """Parse one `/cleanup` request. Raises `ProtocolError`; `e.id` is not known then,
+    so use `request_id(data)` to echo the id back if one was readable."""
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, "/cleanup takes text frames of JSON, not binary frames")
+    obj = parse_json(data)
+    rid = obj.get("id")
+    if not (rid is None or isinstance(rid, (int, float)) and not isinstance(rid, bool)
+            or isinstance(rid, str) and len(rid) <= MAX_ID_CHARS):
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"'id' must be a string (up to {MAX_ID_CHARS} characters), "
+                            "a number or null")
+    return CleanupRequest(rid, _text(obj))
+
+
+def request_id(data: str | bytes) -> Any:
+    """The "id" of a /cleanup request if it can be read, else None (for error replies)."""
+    try:
+        obj = json.loads(data)
+    except (ValueError, UnicodeDecodeError, TypeError):
+        return None
+    rid = obj.get("id") if isinstance(obj, dict) else None
+    ok = isinstance(rid, (int, float, str)) and not isinstance(rid, bool) and len(str(rid)) <= MAX_ID_CHARS
+    return rid if ok else None
+
+
+def parse_server_event(data: str) -> dict:
+    """Decode a server text frame (for clients and tests). Raises ValueError."""
+    obj = json.loads(data)
+    if not isinstance(obj, dict) or not isinstance(obj.get("type"), str):
+        raise ValueError(f"not a server event: {data[:80]!r}")
+    return obj
+
+
+# ----- server events
+
+def build(kind: str, **fields: Any) -> str:
+    """One server event as compact JSON; fields that are None are left out."""
+    return json.dumps({"type": kind, **{k: v for k, v in fields.items() if v is not None}},
+                      separators=(",", ":"), ensure_ascii=False)
+
+
+def _ms(x: float | None) -> float | None:
+    return None if x is None else round(float(x), 1)
+
+
+def session_ready(session_id: str, *, input_sample_rate: int, output_sample_rate: int, steps: int) -> str:
+    return build("session.ready", session_id=session_id, protocol=PROTOCOL_VERSION,
+                 input_sample_rate=input_sample_rate, output_sample_rate=output_sample_rate, steps=steps)
+
+
+def speech_started(t_ms: int) -> str:
+    return build("vad.speech_started", t_ms=t_ms)
+
+
+def speech_stopped(t_ms: int, *, discarded: bool = False) -> str:
+    """`discarded`: too little speech to be words (a cough); no transcript follows."""
+    return build("vad.speech_stopped", t_ms=t_ms, discarded=discarded or None)
+
+
+def transcript_partial(text: str) -> str:
+    return build("transcript.partial", text=text)
+
+
+def transcript_final(turn_id: int, text: str) -> str:
+    return build("transcript.final", turn_id=turn_id, text=text)
+
+
+def turn_cleaned(turn_id: int, text: str) -> str:
+    return build("turn.cleaned", turn_id=turn_id, text=text)
+
+
+def turn_reply(turn_id: int, text: str) -> str:
+    return build("turn.reply", turn_id=turn_id, text=text)
+
+
+def audio_start(turn_id: int, sample_rate: int) -> str:
+    return build("audio.start", turn_id=turn_id, sample_rate=sample_rate, encoding="pcm_s16le", channels=1)
+
+
+def audio_end(turn_id: int) -> str:
+    return build("audio.end", turn_id=turn_id)
+
+
+def audio_flush(turn_id: int) -> str:
+    """Drop every queued sample of this turn's reply and stop playing it now."""
+    return build("audio.flush", turn_id=turn_id)
+
+
+def turn_interrupted(turn_id: int, *, reason: str, heard: str) -> str:
+    """The turn was cut short; `heard` is the part of the reply kept in the history."""
+    return build("turn.interrupted", turn_id=turn_id, reason=reason, heard=heard)
+
+
+def turn_done(turn_id: int, *, timings: dict[str, float | None], voice_to_voice_ms: float | None) -> str:
+    """`timings` per stage in ms; `voice_to_voice_ms` is null for typed turns and silent replies."""
+    return json.dumps({"type": "turn.done", "turn_id": turn_id,
+                       "timings": {k: _ms(v) for k, v in timings.items()},
+                       "voice_to_voice_ms": _ms(voice_to_voice_ms)}, separators=(",", ":"))
+
+
+def error(code: str, message: str, *, turn_id: int | None = None) -> str:
+    return build("error", code=code, message=message, turn_id=turn_id)
+
+
+def cleanup_result(rid: Any, text: str, cleaned: str, *, ms: float) -> str:
+    return json.dumps({"type": "cleanup.result", "id": rid, "text": text, "cleaned": cleaned, "ms": _ms(ms)},
+                      separators=(",", ":"), ensure_ascii=False)
+
+
+def cleanup_error(rid: Any, code: str, message: str) -> str:
+    return json.dumps({"type": "error", "id": rid, "code": code, "message": message},
+                      separators=(",", ":"), ensure_ascii=False)
+
+
+def error_code_for(exc: BaseException) -> str:
+    """The protocol error code for an exception raised by a model package."""
+    # Imported by name, lazily, so the protocol stays importable without the models.
+    names = {c.__name__ for c in type(exc).__mro__}
+    if "EngineBusy" in names:
+        return ErrorCode.BUSY
+    if "RequestError" in names:
+        return ErrorCode.BAD_TURN
+    if "DLLMError" in names:
+        return ErrorCode.LLM_FAILED
+    if "ASRError" in names:
+        return ErrorCode.ASR_FAILED
+    if "TTSError" in names:
+        return ErrorCode.TTS_FAILED
+    return ErrorCode.INTERNAL

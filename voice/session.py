@@ -1,0 +1,519 @@
+"""A voice session: five stages joined by bounded inboxes.
+
+    client PCM ─▶ input (resample to 16 kHz, VAD, endpointing, barge-in)
+               ─▶ asr (partials while speaking, the final at the endpoint)
+               ─▶ turn (one dLLM pass: cleaned transcript and reply)
+               ─▶ tts (piper, sentence by sentence)
+               ─▶ output (audio.start, PCM frames, audio.end, turn.done) ─▶ outbox ─▶ client
+
+Each stage is an asyncio task (`voice.pipeline.Stage`); the blocking model
+calls (Whisper, piper) run in worker threads and the dLLM runs on the
+engine's own thread, so the event loop only moves frames. The design follows
+Pipecat's pipelines; the timing metric follows its "voice-to-voice" latency:
+from the end of the user's speech to the first reply audio sent.
+
+Barge-in: when the user starts speaking (or types, or presses stop) while a
+turn is being computed or its reply is still playing, the input stage marks
+the turn interrupted and sends an `Interrupt` down the pipeline. Each stage
+drops what it queued and cancels what it runs (the dLLM request leaves its
+batch); the output stage drops the audio still queued for the client and
+tells the client to flush its playback (`audio.flush`, `turn.interrupted`).
+The history keeps the reply only up to the sentences whose playback had
+begun (`TurnRecord.heard`).
+
+A session's transport is not its business: feed it protocol messages with
+`feed`, read what to send from `next_event`/`events`. The server and the
+kiosk are two such transports.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from . import protocol as P
+from .audio import StreamResampler, pcm_chunks
+from .frames import (AudioIn, Conversation, End, EndOfInput, FinalRequest, Frame, Interrupt, PartialRequest,
+                     ReplyEnd, ReplyReady, SpeechChunk, StopRequest, TextIn, TranscriptReady, TurnRecord,
+                     Utterance, now)
+from .pipeline import Outbox, Stage, cancel_and_wait
+from .services import Services
+
+__all__ = ["SessionConfig", "VoiceSession", "ASR_RATE"]
+
+log = logging.getLogger("voice.session")
+
+ASR_RATE = 16000  # the VAD and Whisper both work at 16 kHz
+
+
+def _default_vad():
+    from asr import VADOptions
+    return VADOptions(sample_rate=ASR_RATE, frame_ms=30)
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    """Per-session settings. Defaults suit a browser client.
+
+    Attributes:
+        input_sample_rate: rate of the PCM the client sends (resampled to 16 kHz).
+        output_sample_rate: rate of the reply PCM; None keeps the voice's rate.
+        knowledge: a facts card for the dLLM prompt (the kiosk's venue facts).
+        steps: denoising steps K; None uses the server's default.
+        vad: endpointing (`asr.VADOptions`): hang-over, minimum speech,
+            maximum utterance, pre-roll; None is its defaults at 16 kHz.
+        partial_every_ms: audio between partial transcripts; 0 turns them off.
+        min_partial_ms: speech needed before the first partial.
+        barge_in: speech while a reply plays interrupts it. The kiosk turns
+            this off when its mic hears its own speaker (no echo canceller).
+        history_turns: turns kept for the prompt (the turn format also caps tokens).
+        inbox_size: frames each stage may have queued.
+        outbox_size: events and audio frames queued for the client.
+        out_chunk_ms: reply audio per binary frame.
+        asr_timeout_s, turn_timeout_s, tts_timeout_s: limits on one model call.
+    """
+
+    input_sample_rate: int = 16000
+    output_sample_rate: int | None = None
+    knowledge: str | None = None
+    steps: int | None = None
+    vad: object | None = None
+    partial_every_ms: int = 700
+    min_partial_ms: int = 500
+    barge_in: bool = True
+    history_turns: int = 8
+    inbox_size: int = 32
+    outbox_size: int = 128
+    out_chunk_ms: int = 200
+    asr_timeout_s: float = 60.0
+    turn_timeout_s: float = 180.0
+    tts_timeout_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.input_sample_rate not in P.INPUT_SAMPLE_RATES:
+            raise ValueError(f"input_sample_rate must be one of {P.INPUT_SAMPLE_RATES}, got {self.input_sample_rate}")
+        if self.output_sample_rate is not None and self.output_sample_rate not in P.OUTPUT_SAMPLE_RATES:
+            raise ValueError(f"output_sample_rate must be one of {P.OUTPUT_SAMPLE_RATES}")
+        if self.partial_every_ms < 0 or self.out_chunk_ms < 10:
+            raise ValueError("partial_every_ms must be >= 0 and out_chunk_ms >= 10")
+
+    @classmethod
+    def from_start(cls, start: P.SessionStart, base: SessionConfig | None = None) -> SessionConfig:
+        """The config a client's session.start asks for, on top of the server's `base`."""
+        base = base or cls()
+        return replace(base, input_sample_rate=start.sample_rate,
+                       output_sample_rate=start.output_sample_rate or base.output_sample_rate,
+                       knowledge=start.knowledge if start.knowledge is not None else base.knowledge,
+                       steps=start.steps or base.steps)
+
+
+def _ms(t0: float, t1: float | None = None) -> float:
+    return ((now() if t1 is None else t1) - t0) * 1000.0
+
+
+# ----- the stages
+
+class InputStage(Stage):
+    """Resampling, VAD and endpointing; the source of turns and of interrupts."""
+
+    name = "input"
+    interruptible = False  # interrupts start here
+
+    def __init__(self, session: VoiceSession) -> None:
+        super().__init__(session.config.inbox_size, session._report)
+        from asr import VAD
+
+        self.s = session
+        cfg = session.config
+        rate = cfg.input_sample_rate
+        self.resampler = StreamResampler(rate, ASR_RATE) if rate != ASR_RATE else None
+        self.vad = VAD(cfg.vad or _default_vad())
+        self.samples = 0  # 16 kHz samples fed to the VAD
+        self.utterance: Utterance | None = None
+        self._utterances = 0
+        self._arrivals: deque[tuple[float, float]] = deque(maxlen=256)  # (stream ms at chunk end, arrival)
+
+    async def process(self, frame: Frame) -> None:
+        if isinstance(frame, AudioIn):
+            pcm = np.frombuffer(frame.pcm, dtype="<i2").astype(np.int16, copy=False)
+            if self.resampler is not None:
+                pcm = self.resampler.push(pcm)
+            if len(pcm):
+                await self._feed(pcm)
+        elif isinstance(frame, EndOfInput):
+            events = self.vad.flush()
+            if not events:
+                await self.s.emit(P.error(P.ErrorCode.NO_SPEECH,
+                                          "input.end arrived but no speech was detected since the last turn"))
+            for ev in events:
+                await self._on_vad(ev)
+        elif isinstance(frame, TextIn):
+            await self._barge_in("text")
+            record = self.s.conversation.begin(typed=True, started=now(), user=frame.text)
+            await self.push(TranscriptReady(record, frame.text))
+        elif isinstance(frame, StopRequest):
+            await self._barge_in("client")
+        else:
+            await self.push(frame)
+
+    async def on_end(self) -> None:
+        if self.resampler is not None:
+            tail = self.resampler.flush()
+            if len(tail):
+                await self._feed(tail)
+        for ev in self.vad.flush():
+            await self._on_vad(ev)
+
+    async def _feed(self, pcm: np.ndarray) -> None:
+        events = self.vad.feed(pcm)
+        self.samples += len(pcm)
+        self._arrivals.append((self.samples * 1000 / ASR_RATE, now()))
+        for ev in events:
+            await self._on_vad(ev)
+        await self._maybe_partial()
+
+    def _arrival(self, t_ms: float) -> float:
+        """When the audio at stream time `t_ms` reached us (the end of speech, in wall time)."""
+        for end_ms, at in self._arrivals:
+            if end_ms >= t_ms:
+                return at
+        return now()
+
+    async def _on_vad(self, ev) -> None:
+        from asr import SpeechDiscarded, SpeechStarted, SpeechStopped
+
+        if isinstance(ev, SpeechStarted):
+            await self.s.emit(P.speech_started(ev.t_ms))
+            await self._barge_in("speech")
+            self._utterances += 1
+            self.utterance = Utterance(self._utterances, last_partial_samples=self.samples)
+        elif isinstance(ev, SpeechStopped):
+            if self.utterance is not None:
+                self.utterance.ended = True
+            self.utterance = None
+            await self.s.emit(P.speech_stopped(ev.t_ms))
+            await self._barge_in("turn")
+            speech_end = min(self._arrival(ev.t_ms), now())
+            record = self.s.conversation.begin(typed=False, started=speech_end)
+            record.timings["endpoint_ms"] = _ms(speech_end)
+            record.timings["speech_ms"] = len(ev.audio) * 1000 / ASR_RATE
+            await self.push(FinalRequest(record, ev.audio))
+        elif isinstance(ev, SpeechDiscarded):
+            if self.utterance is not None:
+                self.utterance.ended = True
+            self.utterance = None
+            await self.s.emit(P.speech_stopped(ev.t_ms, discarded=True))
+
+    async def _maybe_partial(self) -> None:
+        u, cfg = self.utterance, self.s.config
+        if u is None or u.partial_pending or cfg.partial_every_ms <= 0 or not self.vad.in_speech:
+            return
+        if (self.samples - u.last_partial_samples) * 1000 < cfg.partial_every_ms * ASR_RATE:
+            return
+        audio = self.vad.current_audio()
+        if len(audio) * 1000 < cfg.min_partial_ms * ASR_RATE:
+            return
+        u.partial_pending = True
+        u.last_partial_samples = self.samples
+        await self.push(PartialRequest(u, audio))
+
+    async def _barge_in(self, reason: str) -> None:
+        """Interrupt the turn in progress, if any. `reason`: speech, text, client, or
+        turn (a new utterance ended while the old turn went on, with barge-in off)."""
+        if reason == "speech" and not self.s.config.barge_in:
+            return
+        record = self.s.conversation.active(now())
+        if record is None:
+            return
+        record.interrupt(reason, now())
+        await self.push(Interrupt(reason, record))
+
+
+class ASRStage(Stage):
+    """Whisper on the utterance so far (partials) and on the whole of it (final)."""
+
+    name = "asr"
+
+    def __init__(self, session: VoiceSession) -> None:
+        super().__init__(session.config.inbox_size, session._report)
+        self.s = session
+
+    async def _transcribe(self, audio: np.ndarray) -> str:
+        asr = self.s.services.transcriber
+        if asr is None:
+            raise RuntimeError("this server has no speech recognizer loaded; send typed turns")
+        return await asyncio.wait_for(asyncio.to_thread(asr.transcribe, audio), self.s.config.asr_timeout_s)
+
+    async def process(self, frame: Frame) -> None:
+        if isinstance(frame, PartialRequest):
+            u = frame.utterance
+            try:
+                if u.ended:  # the final is on its way; a partial now is only delay
+                    return
+                text = await self._transcribe(frame.audio)
+                if text and not u.ended:
+                    await self.s.emit(P.transcript_partial(text))
+            finally:
+                u.partial_pending = False
+        elif isinstance(frame, FinalRequest):
+            record, t0 = frame.turn, now()
+            record.timings["asr_wait_ms"] = _ms(record.started + record.timings.get("endpoint_ms", 0) / 1000, t0)
+            text = await self._transcribe(frame.audio)
+            record.timings["asr_ms"] = _ms(t0)
+            record.user = text
+            await self.s.emit(P.transcript_final(record.turn_id, text))
+            if not text:  # nothing intelligible: the turn ends here
+                await self.s.finish_turn(record)
+                return
+            await self.push(TranscriptReady(record, text))
+        else:
+            await self.push(frame)
+
+
+class TurnStage(Stage):
+    """The dLLM turn: one denoising pass writes the cleaned transcript and the reply."""
+
+    name = "turn"
+
+    def __init__(self, session: VoiceSession) -> None:
+        super().__init__(session.config.inbox_size, session._report)
+        from dllm import Turn  # here, not per turn: the first import of torch takes seconds
+
+        self.s = session
+        self._Turn = Turn
+
+    async def process(self, frame: Frame) -> None:
+        if not isinstance(frame, TranscriptReady):
+            await self.push(frame)
+            return
+        record, cfg, t0 = frame.turn, self.s.config, now()
+        turn = self._Turn(frame.text, history=self.s.conversation.history(before=record), knowledge=cfg.knowledge)
+        # Cancelling this await (an interrupt) withdraws the request from the engine's batch.
+        result = await asyncio.wait_for(self.s.services.engine.respond(turn, steps=self.s.steps), cfg.turn_timeout_s)
+        record.timings["llm_ms"] = _ms(t0)
+        record.timings["llm_model_ms"] = float(result.ms)
+        record.cleaned, record.reply = result.cleaned, result.reply
+        await self.s.emit(P.turn_cleaned(record.turn_id, result.cleaned))
+        await self.s.emit(P.turn_reply(record.turn_id, result.reply))
+        record.timings["reply_ms"] = _ms(record.started)  # end of speech (or typing) to the reply text
+        await self.push(ReplyReady(record, result.reply))
+
+
+class TTSStage(Stage):
+    """piper, one sentence at a time, so the first plays while the next is made."""
+
+    name = "tts"
+
+    def __init__(self, session: VoiceSession) -> None:
+        super().__init__(session.config.inbox_size, session._report)
+        self.s = session
+
+    def _speak(self, sentence: str) -> np.ndarray:  # in a worker thread
+        from tts import resample
+
+        synth = self.s.services.synthesizer
+        pcm = synth.synthesize_all(sentence)
+        if len(pcm) and synth.sample_rate != self.s.output_rate:
+            pcm = resample(pcm, synth.sample_rate, self.s.output_rate)
+        return pcm
+
+    async def process(self, frame: Frame) -> None:
+        if not isinstance(frame, ReplyReady):
+            await self.push(frame)
+            return
+        from tts import split_sentences
+
+        record, t0 = frame.turn, now()
+        sentences = split_sentences(frame.reply) if self.s.services.synthesizer is not None else []
+        for i, sentence in enumerate(sentences):
+            pcm = await asyncio.wait_for(asyncio.to_thread(self._speak, sentence), self.s.config.tts_timeout_s)
+            if "tts_first_ms" not in record.timings:
+                record.timings["tts_first_ms"] = _ms(t0)
+            if len(pcm):
+                await self.push(SpeechChunk(record, i, sentence, pcm))
+        if sentences:
+            record.timings["tts_ms"] = _ms(t0)
+        await self.push(ReplyEnd(record))
+
+
+class OutputStage(Stage):
+    """Reply audio and the turn's closing events, into the outbox."""
+
+    name = "output"
+
+    def __init__(self, session: VoiceSession) -> None:
+        super().__init__(session.config.inbox_size, session._report)
+        self.s = session
+
+    async def process(self, frame: Frame) -> None:
+        s = self.s
+        if isinstance(frame, SpeechChunk):
+            record = frame.turn
+            if record.interrupted_at is not None:
+                return
+            t = now()
+            if record.first_audio is None:
+                await s.emit(P.audio_start(record.turn_id, s.output_rate))
+                record.timings["first_audio_ms"] = _ms(record.started, t)
+            # Recorded before its chunks go out: once the first chunk is sent, the sentence may be heard.
+            record.add_sentence(frame.sentence, len(frame.pcm) / s.output_rate, t)
+            for chunk in pcm_chunks(frame.pcm, max(1, s.output_rate * s.config.out_chunk_ms // 1000)):
+                await s.emit(chunk)
+        elif isinstance(frame, ReplyEnd):
+            record = frame.turn
+            if record.first_audio is not None:
+                await s.emit(P.audio_end(record.turn_id))
+            await s.finish_turn(record)
+
+    async def on_interrupt(self, frame: Interrupt) -> None:
+        record = frame.turn
+        if record is None:
+            return
+        if record.first_audio is not None:
+            await self.s.outbox.drop_audio()
+            await self.s.emit(P.audio_flush(record.turn_id))
+        await self.s.emit(P.turn_interrupted(record.turn_id, reason=frame.reason, heard=record.heard()))
+
+
+# ----- the session
+
+class VoiceSession:
+    """One conversation: feed it client messages, read back what to send.
+
+    Example:
+        >>> session = VoiceSession(services, SessionConfig(input_sample_rate=48000))
+        >>> await session.start()                 # queues session.ready
+        >>> await session.feed(protocol.Audio(pcm_bytes))
+        >>> async for item in session.events():  # str: a JSON event, bytes: reply PCM
+        ...     await websocket.send(item)
+        >>> await session.close()
+    """
+
+    def __init__(self, services: Services, config: SessionConfig = SessionConfig(), *,
+                 session_id: str | None = None) -> None:
+        self.services = services
+        self.config = config
+        self.id = session_id or uuid.uuid4().hex[:12]
+        self.steps = config.steps or services.steps
+        self.output_rate = config.output_sample_rate or services.output_sample_rate
+        self.conversation = Conversation(config.history_turns)
+        self.outbox = Outbox(config.outbox_size)
+        self.input = InputStage(self)
+        self.stages: list[Stage] = [self.input]
+        for cls in (ASRStage, TurnStage, TTSStage, OutputStage):
+            self.stages.append(self.stages[-1].link(cls(self)))
+        self._tasks: list[asyncio.Task] = []
+        self.failed: BaseException | None = None
+        self.errors = 0
+
+    # ----- lifecycle
+
+    async def start(self) -> None:
+        """Start the stage tasks and queue `session.ready`."""
+        if self._tasks:
+            return
+        for stage in self.stages:
+            task = asyncio.create_task(stage.run(), name=f"session-{self.id}-{stage.name}")
+            task.add_done_callback(self._stage_done)
+            self._tasks.append(task)
+        await self.emit(P.session_ready(self.id, input_sample_rate=self.config.input_sample_rate,
+                                        output_sample_rate=self.output_rate, steps=self.steps))
+
+    def _stage_done(self, task: asyncio.Task) -> None:
+        if task.cancelled() or task.exception() is None:
+            return
+        # A stage loop died (a bug, not a model error): this session cannot go on.
+        self.failed = task.exception()
+        log.error("session %s: %s failed", self.id, task.get_name(), exc_info=self.failed)
+        self.outbox.close_now()
+        closer = asyncio.get_running_loop().create_task(self.outbox.close(), name=f"session-{self.id}-close")
+        self._tasks.append(closer)  # tracked like the stages; close() cancels what is left
+
+    async def finish(self, timeout: float = 300.0) -> bool:
+        """End of input: let everything queued run to the end, then stop.
+        Returns False if it did not end within `timeout` s (the session is closed anyway)."""
+        await self.input.inbox.put(End())
+        last = self._tasks[len(self.stages) - 1] if self._tasks else None
+        ok = True
+        if last is not None:
+            done, _ = await asyncio.wait({last}, timeout=timeout)
+            ok = bool(done)
+        await self.close()
+        return ok
+
+    async def close(self, timeout: float = 2.0) -> None:
+        """Cancel every stage now (the client went away) and close the outbox."""
+        await cancel_and_wait(self._tasks, timeout)
+        await self.outbox.close()
+
+    @property
+    def running(self) -> bool:
+        return bool(self._tasks) and not all(t.done() for t in self._tasks)
+
+    # ----- in and out
+
+    async def feed(self, message: P.ClientMessage) -> None:
+        """Pass one client message to the pipeline (waits while the input stage is full)."""
+        if isinstance(message, P.Audio):
+            frame: Frame = AudioIn(message.pcm)
+        elif isinstance(message, P.InputEnd):
+            frame = EndOfInput()
+        elif isinstance(message, P.TextTurn):
+            frame = TextIn(message.text)
+        elif isinstance(message, P.Interrupt):
+            frame = StopRequest()
+        else:
+            raise TypeError(f"a running session cannot take {type(message).__name__}")
+        await self.input.inbox.put(frame)
+
+    async def emit(self, item: str | bytes) -> None:
+        await self.outbox.put(item)
+
+    async def next_event(self) -> str | bytes | None:
+        """The next thing to send to the client; None once the session is closed."""
+        return await self.outbox.get()
+
+    async def events(self) -> AsyncIterator[str | bytes]:
+        while (item := await self.outbox.get()) is not None:
+            yield item
+
+    # ----- turn bookkeeping, shared by the stages
+
+    async def finish_turn(self, record: TurnRecord) -> None:
+        """Close a turn with `turn.done` (unless it was interrupted)."""
+        if record.finished_at is not None or record.interrupted_at is not None:
+            return
+        record.timings["total_ms"] = _ms(record.started)
+        record.finish(now())
+        v2v = None if record.typed or record.first_audio is None else _ms(record.started, record.first_audio)
+        await self.emit(P.turn_done(record.turn_id, timings=dict(record.timings), voice_to_voice_ms=v2v))
+
+    async def _report(self, exc: BaseException, frame: Frame) -> None:
+        """A stage's error, as an error event; a turn it broke is closed."""
+        self.errors += 1
+        record = getattr(frame, "turn", None)
+        if isinstance(exc, asyncio.TimeoutError):
+            code, message = P.ErrorCode.INTERNAL, "a model call timed out"
+            if isinstance(frame, (FinalRequest, PartialRequest)):
+                code = P.ErrorCode.ASR_FAILED
+            elif isinstance(frame, TranscriptReady):
+                code = P.ErrorCode.LLM_FAILED
+            elif isinstance(frame, ReplyReady):
+                code = P.ErrorCode.TTS_FAILED
+        else:
+            code = P.error_code_for(exc)
+            message = str(exc) if code != P.ErrorCode.INTERNAL else f"internal error ({type(exc).__name__})"
+            if isinstance(exc, RuntimeError) and "speech recognizer" in str(exc):
+                code, message = P.ErrorCode.ASR_FAILED, str(exc)
+        log.warning("session %s: %s on %s: %s", self.id, code, type(frame).__name__, exc,
+                    exc_info=code == P.ErrorCode.INTERNAL)
+        await self.emit(P.error(code, message, turn_id=record.turn_id if record else None))
+        if record is not None:
+            if record.first_audio is not None and record.finished_at is None:
+                await self.emit(P.audio_end(record.turn_id))
+            await self.finish_turn(record)

@@ -7,6 +7,11 @@ For each canvas length and batch size it prints the time per denoising step
 and canvas tokens per second for
   - "engine": prefix cache + batching (what the server runs),
   - "naive": the whole sequence every step, requests one at a time,
+  - "threshold": the engine with Fast-dLLM's confidence-threshold schedule
+    (prefix cache + threshold 0.9; it may finish in fewer than K calls),
+  - "reference" (with `--reference FILE`): LLaDA's own `generate()` from a
+    generate.py you supply (ML-GSAI/LLaDA; it is not part of this project),
+    run on the same model and prompt, one request at a time,
 and the physical floor per step (weight bytes over the memory bandwidth
 measured in this run): no step can read its weights faster than that.
 Speed does not depend on the weights, so a preset name runs random weights.
@@ -14,6 +19,7 @@ Speed does not depend on the weights, so a preset name runs random weights.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import platform
 import statistics
 import sys
@@ -71,6 +77,42 @@ def time_engine(engine: Engine, batch: list[Encoded], opts: SamplerOptions, cach
     return statistics.median(times[1:])
 
 
+class _LogitsOnly:
+    """Our model behind the call LLaDA's generate() makes: `model(x).logits`."""
+
+    def __init__(self, engine: Engine):
+        self.engine, self.device = engine, engine.device
+
+    def __call__(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        logits = self.engine.model(x)
+        if self.engine.cfg.shift_logits:  # the reference reads position j from row j
+            logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+        return type("Output", (), {"logits": logits})()
+
+
+def time_reference(path: str, engine: Engine, batch: list[Encoded], steps: int, repeats: int) -> float:
+    """Median seconds for LLaDA's reference generate() over the batch, one request at a time."""
+    spec = importlib.util.spec_from_file_location("reference_generate", path)
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"cannot import {path}: pass LLaDA's generate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    model = _LogitsOnly(engine)
+    times = []
+    for _ in range(repeats + 1):
+        _sync(engine.device)
+        t0 = time.perf_counter()
+        for e in batch:
+            prompt = torch.tensor([e.prompt], device=engine.device)
+            n = len(e.canvas)
+            with torch.inference_mode():
+                module.generate(model, prompt, steps=steps, gen_length=n, block_length=n, temperature=0.0,
+                                cfg_scale=0.0, remasking="low_confidence", mask_id=engine.cfg.mask_id)
+        _sync(engine.device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:])
+
+
 def load(model: str, device: str, dtype: torch.dtype) -> Engine:
     if model == "default":
         from . import load_engine
@@ -98,6 +140,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    ap.add_argument("--reference", metavar="FILE", help="LLaDA's generate.py, to time its generate() side by side")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -115,16 +158,24 @@ def main(argv: list[str] | None = None) -> None:
     print(f"model: {eng.name}, {n_params / 1e6:.1f}M parameters, {args.dtype}; device: {dev_name}")
     print(f"memory bandwidth {bw / 1e9:.1f} GB/s; floor per step {floor_ms:.2f} ms "
           f"({weight_bytes / 1e6:.0f} MB of weights); K = {args.steps}, prompt {args.prompt} tokens")
-    print(f"{'canvas':>6} {'batch':>5} | {'engine ms/step':>14} {'tok/s':>9} {'x floor':>7} | "
-          f"{'naive ms/step':>13} {'tok/s':>9} | {'speedup':>7}")
+    header = f"{'canvas':>6} {'batch':>5} | {'engine ms/step':>14} {'tok/s':>8} {'x floor':>7} | " \
+             f"{'threshold x':>11} | {'naive x':>7}"
+    print(header + (f" | {'reference x':>11}" if args.reference else ""))
+    threshold = SamplerOptions(steps=args.steps, schedule="threshold", threshold=0.9)
     for n in args.canvas:
         for b in args.batch:
             batch = [synthetic(args.prompt - i % 7, n, eng.cfg.mask_id, eng.cfg.vocab_size, i) for i in range(b)]
             fast = time_engine(eng, batch, opts, eng.cache_mode, True, args.repeats)
+            thr = time_engine(eng, batch, threshold, eng.cache_mode, True, args.repeats)
             slow = time_engine(eng, batch, opts, "none", False, max(1, args.repeats // 2))
-            per_fast, per_slow = fast / args.steps * 1000, slow / args.steps * 1000
-            print(f"{n:>6} {b:>5} | {per_fast:>14.1f} {n * b / fast:>9.0f} {per_fast / floor_ms:>7.1f} | "
-                  f"{per_slow:>13.1f} {n * b / slow:>9.0f} | {slow / fast:>6.1f}x", flush=True)
+            per_step = fast / args.steps * 1000
+            row = (f"{n:>6} {b:>5} | {per_step:>14.1f} {n * b / fast:>8.0f} {per_step / floor_ms:>7.1f} | "
+                   f"{thr / fast:>10.2f}x | {slow / fast:>6.1f}x")
+            if args.reference:
+                ref = time_reference(args.reference, eng, batch, args.steps, max(1, args.repeats // 2))
+                row += f" | {ref / fast:>10.1f}x"
+            print(row, flush=True)
+    print("x columns: that path's time over the engine's (above 1: the engine is faster)")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,715 @@
+"""Training data for the voice turn, generated from a seed.
+
+Three kinds of row, each {"raw", "cleaned", "reply", "knowledge", "history"}:
+
+  - cleanup pairs: a clean sentence from a template with slots (names,
+    places, foods, times, ... plus a few thousand plain words taken from the
+    base model's vocabulary, so content words are copied rather than learnt)
+    and its raw version as a recogniser writes it: lower case, no
+    punctuation, numbers in words, fillers, repeated words, false starts,
+    self-corrections whose retracted part the clean side drops, and now and
+    then a near-miss word. Rows from `scripts/asr_roundtrip.py` (clean
+    sentences spoken by piper and transcribed by Whisper) are added when
+    their cache exists;
+  - grounded replies: a generated knowledge card (a venue's hours, prices,
+    events, places, rules) and a question about it; the reply states the
+    card's fact, or says it does not know when the card is silent;
+  - conversational replies: written by the AR base itself as teacher
+    (`dllm.teacher`, cached), filtered for length and repetition.
+
+The held-out split uses templates and slot values that training never sees.
+
+    python -m dllm.data --out data/ --seed 0
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import time
+from pathlib import Path
+
+# ----------------------------------------------------------------- numbers
+
+_ONES = "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen " \
+        "sixteen seventeen eighteen nineteen".split()
+_TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
+
+
+def number_words(n: int) -> str:
+    """English words for 0 <= n < 10000 ("twenty one", "three hundred five")."""
+    if n < 20:
+        return _ONES[n]
+    if n < 100:
+        return _TENS[n // 10] + ("" if n % 10 == 0 else " " + _ONES[n % 10])
+    if n < 1000:
+        rest = n % 100
+        return _ONES[n // 100] + " hundred" + ("" if rest == 0 else " " + number_words(rest))
+    rest = n % 1000
+    return number_words(n // 1000) + " thousand" + ("" if rest == 0 else " " + number_words(rest))
+
+
+# ----------------------------------------------------------------- vocabularies
+
+def _words(s: str) -> list[str]:
+    return [w.strip() for w in s.split(",") if w.strip()]
+
+
+NAMES = _words("""Alice, Aaron, Abigail, Adam, Adrian, Aisha, Alan, Albert, Alex, Amelia, Amir, Andrea, Angela,
+Anna, Anthony, Arjun, Ava, Barbara, Ben, Bianca, Brandon, Brian, Caleb, Carla, Carlos, Caroline, Chen, Chloe,
+Chris, Claire, Daniel, Diana, Diego, Dylan, Elena, Eli, Elijah, Emily, Emma, Eric, Ethan, Fatima, Felix, Fiona,
+Frank, Gabriel, Grace, Greg, Hannah, Harry, Hassan, Helen, Henry, Hugo, Ian, Isaac, Isabel, Ivan, Jack, Jacob,
+James, Jasmine, Jason, Jenny, Jessica, Joel, John, Jordan, Jose, Julia, Justin, Karen, Kate, Kevin, Kim, Laura,
+Leo, Liam, Linda, Lucas, Lucy, Luis, Maria, Mark, Marta, Matt, Maya, Megan, Mia, Michael, Mohammed, Nadia, Naomi,
+Nathan, Nina, Noah, Olga, Oliver, Omar, Oscar, Pablo, Paul, Peter, Priya, Rachel, Rahul, Raj, Rebecca, Ricardo,
+Rosa, Ruby, Ryan, Samuel, Sara, Sean, Simon, Sofia, Sophie, Steve, Susan, Tara, Theo, Thomas, Tina, Tom, Tyler,
+Victor, Vera, Walter, Wendy, Will, Yara, Yusuf, Zach, Zoe, Bruno, Camila, Dmitri, Elsa, Farah, Gustavo, Hiro,
+Ingrid, Jonas, Kenji, Lena, Malik, Nora, Pedro, Quinn, Rosa, Sanjay, Tomas, Uma, Wei, Ximena, Yuki""")
+CITIES = _words("""Atlanta, Austin, Amsterdam, Athens, Auckland, Bangkok, Barcelona, Berlin, Bogota, Brussels,
+Budapest, Buenos Aires, Cairo, Calgary, Chicago, Cleveland, Copenhagen, Dallas, Delhi, Denver, Detroit, Dublin,
+Edinburgh, Frankfurt, Geneva, Glasgow, Hamburg, Helsinki, Honolulu, Houston, Istanbul, Jakarta, Kyoto, Lagos,
+Lima, Lisbon, Liverpool, London, Madrid, Manchester, Melbourne, Memphis, Miami, Milan, Minneapolis, Montreal,
+Mumbai, Munich, Nairobi, Nashville, Oslo, Ottawa, Paris, Perth, Philadelphia, Phoenix, Pittsburgh, Portland,
+Prague, Quebec, Rome, Salt Lake City, San Diego, Santiago, Seattle, Seoul, Shanghai, Singapore, Stockholm,
+Sydney, Taipei, Tampa, Tokyo, Toronto, Vancouver, Vienna, Warsaw, Zurich, Orlando, Sacramento, Raleigh,
+Richmond, Tucson, Omaha, Anchorage, Halifax, Marseille, Naples, Porto, Valencia, Krakow, Osaka, Manila""")
+FOODS = _words("""pizza, pasta, salad, soup, sandwich, burger, tacos, sushi, noodles, rice, curry, pancakes,
+waffles, omelette, bagel, croissant, muffin, cookies, brownies, cheesecake, ice cream, yogurt, oatmeal, cereal,
+chicken, steak, salmon, shrimp, tofu, beans, lentils, potatoes, fries, broccoli, carrots, spinach, mushrooms,
+onions, peppers, tomatoes, cucumbers, avocado, apples, bananas, oranges, grapes, strawberries, blueberries,
+mango, pineapple, peaches, cherries, lemons, garlic, cheese, butter, bread, tortillas, dumplings, ramen,
+lasagna, risotto, burrito, falafel, hummus, kebab, meatballs, chili, stew, popcorn, pretzels, chips, nachos,
+donuts, pie, cake, smoothie, milkshake, lemonade, coffee, tea, hot chocolate, orange juice, sparkling water""")
+THINGS = _words("""umbrella, backpack, laptop, phone charger, wallet, keys, passport, jacket, sunglasses, notebook,
+headphones, water bottle, camera, tablet, scarf, gloves, boots, sneakers, suitcase, printer, stapler, lamp,
+blanket, pillow, towel, toothbrush, hairdryer, kettle, toaster, blender, microwave, vacuum, ladder, hammer,
+screwdriver, flashlight, batteries, light bulb, extension cord, bicycle, helmet, skateboard, guitar, piano,
+violin, football, tennis racket, yoga mat, calendar, envelope, stamps, tape, scissors, glue, markers, pencils,
+paint, brushes, vase, mirror, rug, curtains, shelf, desk, chair, sofa, mattress, fan, heater, thermostat, router,
+keyboard, mouse, monitor, speaker, remote, watch, ring, necklace, bracelet, tie, belt, hat, coat, raincoat""")
+PLACES = _words("""the library, the train station, the bus stop, the airport, the hospital, the pharmacy, the
+post office, the bank, the museum, the park, the beach, the gym, the supermarket, the bakery, the cinema, the
+city hall, the police station, the fire station, the school, the university, the stadium, the zoo, the
+aquarium, the hotel, the restaurant, the cafe, the mall, the parking lot, the gas station, the dentist, the
+clinic, the market, the harbor, the bridge, the church, the town square, the office, the warehouse, the
+playground, the swimming pool, the bookstore, the hardware store, the laundromat, the garden, the concert hall,
+the theater, the ferry terminal, the subway, the visitor center, the front desk, the lobby, the cafeteria""")
+DAYS = _words("Monday, Tuesday, Wednesday, Thursday, Friday, Saturday, Sunday")
+MONTHS = _words("January, February, March, April, May, June, July, August, September, October, November, December")
+COLORS = _words("red, blue, green, yellow, black, white, purple, orange, pink, gray, brown, silver, gold, navy")
+ACTIVITIES = _words("""go swimming, go hiking, play tennis, watch a movie, cook dinner, clean the kitchen, walk
+the dog, call my mother, pay the rent, water the plants, do the laundry, take out the trash, go shopping, read a
+book, study for the exam, fix the sink, wash the car, visit my grandparents, go for a run, practice the piano,
+book a table, pick up the kids, renew my license, drop off the package, charge the car, meet the landlord""")
+JOBS = _words("""plumber, electrician, doctor, dentist, nurse, teacher, mechanic, lawyer, accountant, barber,
+baker, chef, driver, pilot, manager, engineer, designer, librarian, cashier, receptionist, vet, tutor""")
+STREETS = _words("""Elm, Cedar, Willow, Birch, Chestnut, Walnut, Hickory, Spruce, Magnolia, Juniper, Poplar,
+Sycamore, Laurel, Aspen, Hawthorn, Linden, Mulberry, Hazel, Cypress, Alder, Rowan, Beacon, Harbor, Mill, Church,
+Bridge, Station, Market, Park, Lake, River, Hill, Forest, Meadow, Orchard, Garden, Sunset, Highland""")
+RELATIVES = _words("mom, dad, sister, brother, aunt, uncle, cousin, grandmother, grandfather, boss, neighbor, friend, roommate, wife, husband, son, daughter")
+# Words a recogniser confuses (wrong spelling, right spelling).
+NEAR_MISS = {"weather": "whether", "write": "right", "buy": "by", "here": "hear", "week": "weak",
+             "flour": "flower", "meet": "meat", "mail": "male", "sale": "sail", "pair": "pear",
+             "whole": "hole", "piece": "peace", "their": "there", "too": "two", "wait": "weight",
+             "new": "knew", "hour": "our", "break": "brake", "plane": "plain", "tail": "tale"}
+
+
+def vocab_words(path: str | Path | None = None, limit: int = 6000) -> list[str]:
+    """Plain lower-case words from the base model's vocabulary (single BPE tokens with a space)."""
+    from gguf import GGUFReader
+
+    from .gguf_loader import packaged_smollm2_path
+    reader = GGUFReader(str(path or packaged_smollm2_path()))
+    tokens = reader.fields["tokenizer.ggml.tokens"].contents()
+    words = sorted({t[1:] for t in tokens if re.fullmatch(r"\u0120[a-z]{4,11}", t)})
+    stop = set("that this with from have were what when where which there their about would could should "
+               "they them then than these those been being into your just also some more most such very".split())
+    return [w for w in words if w not in stop][:limit]
+
+
+# ----------------------------------------------------------------- slots
+
+def _time_words(rng: random.Random) -> str:
+    h = rng.randint(1, 12)
+    form = rng.random()
+    if form < 0.35:
+        return f"{number_words(h)} o'clock"
+    if form < 0.6:
+        return f"{number_words(h)} {rng.choice(['am', 'pm'])}"
+    if form < 0.85:
+        m = rng.choice([15, 30, 45, 10, 20, 40, 50])
+        return f"{number_words(h)} {number_words(m)}"
+    return rng.choice(["noon", "midnight", f"half past {number_words(h)}", f"quarter to {number_words(h)}"])
+
+
+def _ordinal(n: int) -> str:
+    special = {1: "first", 2: "second", 3: "third", 5: "fifth", 8: "eighth", 9: "ninth", 12: "twelfth",
+               20: "twentieth", 30: "thirtieth"}
+    if n in special:
+        return special[n]
+    if n > 20 and n % 10:
+        return _TENS[n // 10] + " " + _ordinal(n % 10)
+    return number_words(n) + "th"
+
+
+class Slots:
+    """Slot values, split into a training part and a held-out part."""
+
+    LISTS = {"name": NAMES, "city": CITIES, "food": FOODS, "thing": THINGS, "place": PLACES,
+             "color": COLORS, "activity": ACTIVITIES, "job": JOBS, "street": STREETS, "relative": RELATIVES}
+
+    def __init__(self, words: list[str], heldout: bool):
+        self.heldout = heldout
+        self.lists = {}
+        for key, values in {**self.LISTS, "word": words}.items():
+            # Every tenth value is held out (by position in the sorted list, so it is stable).
+            values = sorted(set(values))
+            keep = [v for i, v in enumerate(values) if (i % 10 == 7) == heldout]
+            self.lists[key] = keep or values
+        self.lists["day"], self.lists["month"] = DAYS, MONTHS
+
+    def value(self, kind: str, rng: random.Random) -> str:
+        if kind in self.lists:
+            if kind == "thing" and rng.random() < 0.35:  # plain words from the vocabulary: copy, don't memorise
+                return rng.choice(self.lists["word"])
+            return rng.choice(self.lists[kind])
+        if kind == "time":
+            return _time_words(rng)
+        if kind == "num":
+            return number_words(rng.choice([rng.randint(2, 12), rng.randint(2, 30), rng.randint(10, 99)]))
+        if kind == "price":
+            return f"{number_words(rng.randint(2, 250))} dollars"
+        if kind == "digits":  # codes spoken digit by digit
+            return " ".join(number_words(int(c)) for c in str(rng.randint(100, 99999)))
+        if kind == "date":
+            return f"{rng.choice(MONTHS)} {_ordinal(rng.randint(1, 30))}"
+        if kind == "floor":
+            return _ordinal(rng.randint(1, 12))
+        raise KeyError(kind)
+
+
+# ----------------------------------------------------------------- templates
+
+# Clean sentences with {slot} markers. Questions, requests, statements, complaints.
+TEMPLATES = [line.strip() for line in """
+What time does {place} open on {day}?
+What time does {place} close tonight?
+How do I get to {place} from here?
+Is {place} open on {day}?
+How far is {city} from here?
+I need a ticket to {city} on {day}.
+Book me a flight to {city} for {date}.
+Can you find a hotel in {city} for {num} nights?
+What's the weather like in {city} tomorrow?
+Will it rain in {city} this weekend?
+Set an alarm for {time}.
+Wake me up at {time} tomorrow.
+Remind me to {activity} at {time}.
+Remind me to buy {food} on the way home.
+Add {food} to my shopping list.
+Add {thing} to the list, please.
+Please call {name} at {time}.
+Call my {relative} and tell her I'm running late.
+Send a message to {name} saying I'll be there at {time}.
+Text {name} that the meeting moved to {day}.
+Schedule a meeting with {name} on {day} at {time}.
+Cancel my appointment with the {job} on {day}.
+I have an appointment with the {job} at {time}.
+Can you move my {job} appointment to {date}?
+I'd like to order {food} with extra {food}.
+Can I get a large {food} and a small {food}?
+I'll have the {food}, please.
+Do you have any {food} left?
+How much does the {thing} cost?
+I want to return this {thing}.
+My {thing} is broken and I need a new one.
+I lost my {thing} somewhere near {place}.
+Have you seen my {thing}?
+Where did I put my {thing}?
+The {thing} in the {color} box belongs to {name}.
+Can you help me find a {color} {thing}?
+I'm looking for a {thing} for my {relative}.
+Please turn the lights off in the living room.
+Turn the music down a little.
+Turn up the heat to {num} degrees.
+Play some music by {name}.
+How many {food} do we need for {num} people?
+We need {num} chairs for the party on {day}.
+The party starts at {time} on {day}.
+My flight to {city} leaves at {time}.
+The train to {city} is delayed by {num} minutes.
+Which platform does the train to {city} leave from?
+Is there a bus to {place} after {time}?
+How long does it take to walk to {place}?
+I'm meeting {name} at {place} at {time}.
+Tell {name} I'll meet her at {place}.
+{name} is picking me up at {time}.
+My {relative} is coming to visit in {month}.
+We're going to {city} in {month}.
+My birthday is on {date}.
+The rent is due on {date}.
+The package should arrive on {day}.
+I ordered a {thing} last week and it still hasn't arrived.
+The {thing} I bought yesterday doesn't work.
+The {thing} in my room is making a weird noise.
+The wifi in {place} is really slow today.
+I've been waiting for {num} minutes and nobody has helped me.
+This is the third time my order has been wrong.
+The {food} was cold when it arrived.
+I was charged {price} but the price said less.
+Can I pay with a credit card?
+Can I pay in cash?
+Do you deliver to {street} Street?
+My address is {digits} {street} Avenue.
+I live on {street} Road near {place}.
+The office is on the {floor} floor.
+My room number is {digits}.
+My order number is {digits}.
+The code for the door is {digits}.
+I need to speak with the manager.
+Can you help me with my account?
+I forgot my password and I can't log in.
+How do I reset my password?
+What's the best way to get to {city}?
+What's a good place to eat near {place}?
+Where can I buy {food} around here?
+Where is the nearest {job}?
+Is there a {job} open on {day}?
+Do I need a reservation for {num} people?
+I'd like a table for {num} at {time}.
+Can we sit outside?
+How late is the kitchen open?
+I think I left my {thing} at {place}.
+Could you check if {name} is in the office?
+{name} said the meeting is at {time}.
+I can't make it on {day}, how about {day}?
+Let's meet on {day} instead.
+I'll be there in {num} minutes.
+I'm running about {num} minutes late.
+What's on my calendar for {day}?
+Do I have anything planned on {date}?
+How many days until {date}?
+What's the date on {day}?
+What time is it in {city} right now?
+Convert {price} to euros.
+What is {num} times {num}?
+How do you spell {word}?
+What does the word {word} mean?
+Write down the word {word}.
+Make a note that {name} likes {food}.
+Save a note called {word} for later.
+Start a timer for {num} minutes.
+Stop the timer.
+How much time is left on the timer?
+Read me the news.
+Tell me a joke.
+What's the capital of {city}'s country?
+I'd like to book a room for {num} nights starting {date}.
+Is breakfast included with the room?
+What time is checkout?
+Can I get a late checkout on {day}?
+The shower in my room doesn't have hot water.
+There's no {thing} in my room.
+Could you send up some extra towels?
+Please bring a {thing} to room {digits}.
+I'd like to rent a {thing} for the day.
+Where can I park my car?
+How much is parking for {num} hours?
+Does this bus stop at {place}?
+I missed my stop, where do I get off for {place}?
+Can you recommend a {job} in {city}?
+I need a {job} to come fix the {thing}.
+My {relative} wants to learn how to {activity}.
+I want to {activity} after work.
+I usually {activity} on {day}.
+Let's {activity} this weekend.
+Don't forget to {activity} tomorrow.
+I'm allergic to {food}.
+Does the {food} have nuts in it?
+Is the {food} vegetarian?
+I'd like the {food} without {food}.
+Hi, can you tell me where {place} is?
+Excuse me, is this the way to {place}?
+Thanks, and how do I get back to {place}?
+Sorry, could you repeat that?
+Yes, please book it for {time}.
+No, I said {city}, not {city}.
+""".strip().splitlines()]
+
+GREETINGS = ["Hi", "Hello", "Hey", "Excuse me", "Okay", "Thanks"]
+
+
+def is_heldout_template(i: int) -> bool:
+    return i % 7 == 3
+
+
+def render(template: str, slots: Slots, rng: random.Random) -> list[tuple[str, str | None, str]]:
+    """Pieces of a clean sentence: (text, slot kind or None, slot value)."""
+    pieces = []
+    for part in re.split(r"(\{[a-z]+\})", template):
+        if not part:
+            continue
+        if part.startswith("{"):
+            kind = part[1:-1]
+            value = slots.value(kind, rng)
+            pieces.append((value, kind, value))
+        else:
+            pieces.append((part, None, ""))
+    return pieces
+
+
+def clean_text(pieces: list[tuple[str, str | None, str]]) -> str:
+    s = "".join(p[0] for p in pieces)
+    return s[0].upper() + s[1:]
+
+
+def raw_words(text: str) -> list[str]:
+    """A recogniser's spelling of `text`: lower case, no punctuation but apostrophes."""
+    text = text.lower().replace("-", " ")
+    return re.sub(r"[^a-z0-9' ]+", " ", text).split()
+
+
+# ----------------------------------------------------------------- corruption
+
+FILLERS_START = ["um", "uh", "so", "well", "okay so", "like", "you know", "so um", "hmm", "uh so", "um so",
+                 "oh", "er", "alright so", "okay um"]
+FILLERS_MID = ["um", "uh", "like", "you know", "i mean", "er", "uh like", "um like", "sort of", "hmm"]
+CORRECTIONS = ["no sorry", "sorry", "i mean", "no wait", "actually", "uh no", "no no", "or rather", "wait no",
+               "sorry i mean", "um no", "no i mean", "oops", "let me rephrase"]
+
+
+def corrupt(pieces: list[tuple[str, str | None, str]], slots: Slots, rng: random.Random,
+            other_words: list[str]) -> str:
+    """The raw transcript for the clean `pieces`: disfluencies added, meaning kept."""
+    # Words, each tagged with the index of its slot piece (or -1).
+    words: list[tuple[str, int]] = []
+    for i, (text, kind, _) in enumerate(pieces):
+        words += [(w, i if kind else -1) for w in raw_words(text)]
+    out = [w for w, _ in words]
+    # A self-correction of one slot: "to paris no sorry to rome".
+    slot_ids = sorted({i for _, i in words if i >= 0})
+    if slot_ids and rng.random() < 0.3:
+        i = rng.choice(slot_ids)
+        kind = pieces[i][1]
+        wrong = pieces[i][2]
+        for _ in range(5):
+            wrong = slots.value(kind, rng)
+            if wrong != pieces[i][2]:
+                break
+        start = next(k for k, (_, j) in enumerate(words) if j == i)
+        again = [out[start - 1]] if start > 0 and rng.random() < 0.5 else []
+        out = out[:start] + raw_words(wrong) + rng.choice(CORRECTIONS).split() + again + out[start:]
+    # Near-miss spelling.
+    if rng.random() < 0.06:
+        for k, w in enumerate(out):
+            if w in NEAR_MISS:
+                out[k] = NEAR_MISS[w]
+                break
+    # A repeated word or two.
+    n_rep = rng.choice([0, 0, 1, 1, 1, 2])
+    for _ in range(n_rep):
+        k = rng.randrange(len(out))
+        span = rng.choice([1, 1, 1, 2])
+        out = out[:k + span] + out[k:k + span] + out[k + span:]
+    # Fillers inside.
+    for _ in range(rng.choice([0, 0, 1, 1, 2])):
+        k = rng.randrange(1, max(2, len(out)))
+        out = out[:k] + rng.choice(FILLERS_MID).split() + out[k:]
+    # A false start: the opening of another sentence, abandoned.
+    if rng.random() < 0.12 and other_words:
+        out = other_words[:rng.randint(1, 3)] + rng.choice([[], ["uh"], ["um"], ["sorry"]]) + out
+    if rng.random() < 0.45:
+        out = rng.choice(FILLERS_START).split() + out
+    if rng.random() < 0.05:
+        out = out + rng.choice(["you know", "um", "i guess", "or something"]).split()
+    return " ".join(out)
+
+
+def cleanup_row(template: str, slots: Slots, rng: random.Random, other: str) -> dict:
+    pieces = render(template, slots, rng)
+    if rng.random() < 0.08 and not template.startswith(tuple(GREETINGS)):
+        g = rng.choice(GREETINGS)
+        pieces = [(g + ", " + pieces[0][0][0].lower() + pieces[0][0][1:], pieces[0][1], pieces[0][2])] + pieces[1:] \
+            if pieces[0][1] is None else [(g + ", ", None, "")] + pieces
+    clean = clean_text(pieces)
+    raw = " ".join(raw_words(clean)) if rng.random() < 0.08 else corrupt(pieces, slots, rng, raw_words(other))
+    return {"raw": raw, "cleaned": clean, "reply": None, "knowledge": None, "history": []}
+
+
+# ----------------------------------------------------------------- knowledge cards
+
+VENUE_NAMES = _words("""Riverside, Lakeview, Maplewood, Harborview, Pinecrest, Sunnyvale, Cedar Grove, Willow
+Creek, Bayside, Hillcrest, Northgate, Southpoint, Eastwood, Westfield, Brookside, Fairview, Greenfield, Silver
+Lake, Golden Gate, Redwood, Stonebridge, Meadowbrook, Ashford, Kingsley, Clearwater, Blue Ridge, Foxhill,
+Elmhurst, Rosewood, Ironwood, Copper Hill, Lighthouse, Evergreen, Sandy Shore, Hollow Oak, Bright Star,
+Crescent, Summit, Horizon, Parkside, Old Town, Union, Liberty, Central, Highland, Orchard, Marble Arch,
+Thornbury, Wexford, Glenwood, Beacon Hill, Misty Valley, Twin Pines, Juniper, Sparrow, Falcon, Polar, Coral""")
+VENUE_TYPES = _words("""Museum, Library, Zoo, Aquarium, Gym, Pharmacy, Cafe, Bakery, Cinema, Hotel, Swimming
+Pool, Art Gallery, Bookstore, Science Center, Garden Center, Bowling Alley, Ice Rink, Climbing Gym, Bike Rental,
+Community Center, Dental Clinic, Hair Salon, Pet Shop, Farmers Market, Botanical Garden, Water Park, Theater,
+Car Wash, Hostel, Visitor Center, Food Hall, Music School, Yoga Studio, Tennis Club, Laundromat, Post Office""")
+TICKETS = [("adults", "an adult ticket"), ("children", "a child ticket"), ("seniors", "a senior ticket"),
+           ("students", "a student ticket")]
+ITEMS = _words("""day pass, locker, guided tour, parking ticket, coffee, sandwich, bike rental, towel rental,
+single class, monthly pass, haircut, audio guide, gift wrap, printing page, shoe rental, kayak rental""")
+EVENTS = _words("""guided tour, story time, live music, feeding time, yoga class, movie night, trivia night,
+cooking class, kids workshop, book club, swim lesson, art class, tasting, open mic, lecture, dance class""")
+SPOTS = _words("""the restrooms, the lockers, the lost and found, the elevator, the gift shop, the cafe,
+the first aid room, the information desk, the coat check, the water fountain, the exit, the changing rooms""")
+WHERE = _words("""on the second floor, next to the entrance, by the main stairs, at the back, in the basement,
+on the ground floor, behind the front desk, near the elevators, on the third floor, across from the cafe,
+at the end of the hall, outside by the garden""")
+DONT_KNOW = ["I'm sorry, I don't know that.", "Sorry, I don't know.", "I'm sorry, I don't know the answer to that.",
+             "I don't know, sorry.", "I'm not sure, I don't know that one.", "Sorry, I don't know that."]
+
+
+def _hour(rng: random.Random, lo: int, hi: int) -> int:
+    return rng.randint(lo, hi)
+
+
+def make_card(rng: random.Random, heldout: bool) -> tuple[str, list[dict]]:
+    """A venue card and its facts: [{"kind", "questions", "reply", "accept"}]."""
+    names = [v for i, v in enumerate(VENUE_NAMES) if (i % 10 == 7) == heldout]
+    name = f"{rng.choice(names)} {rng.choice(VENUE_TYPES)}"
+    facts = []
+    o, c = _hour(rng, 6, 11), _hour(rng, 4, 11)
+    days = rng.choice(["daily", "Monday to Friday", "Monday to Saturday", "every day", "weekdays"])
+    facts.append({"kind": "hours", "card": f"Open {days} {o} am to {c} pm.",
+                  "questions": ["What time do you open?", "When do you open?", "What time do you close?",
+                                "How late are you open?", "What are your opening hours?", "When do you close today?"],
+                  "reply": [f"We open at {o} am and close at {c} pm.", f"We're open from {o} am to {c} pm.",
+                            f"Our hours are {o} am to {c} pm."],
+                  "accept": [str(o), str(c)]})
+    closed = rng.choice(DAYS)
+    facts.append({"kind": "closed", "card": f"Closed on {closed}s.",
+                  "questions": ["Which day are you closed?", "Is there a day you're closed?", "What day of the week are you closed?"],
+                  "reply": [f"We're closed on {closed}s.", f"Sorry, we're closed every {closed}."],
+                  "accept": [closed]})
+    who, what = rng.choice(TICKETS)
+    a, k = rng.randint(8, 40), rng.randint(2, 15)
+    facts.append({"kind": "price", "card": f"Adults {a} dollars, {who} {k} dollars." if who != "adults"
+                  else f"Adults {a} dollars.",
+                  "questions": [f"How much is {what}?", f"What does {what} cost?", f"How much for {what}?"]
+                  if who != "adults" else ["How much is an adult ticket?", "How much is it for an adult?"],
+                  "reply": [f"{what[0].upper() + what[1:]} is {k} dollars.", f"It's {k} dollars for {who}."]
+                  if who != "adults" else [f"An adult ticket is {a} dollars.", f"It's {a} dollars for adults."],
+                  "accept": [str(k) if who != "adults" else str(a)]})
+    item, p = rng.choice(ITEMS), rng.randint(2, 60)
+    facts.append({"kind": "item", "card": f"{item[0].upper() + item[1:]} {p} dollars.",
+                  "questions": [f"How much is a {item}?", f"What does the {item} cost?", f"How much do you charge for a {item}?"],
+                  "reply": [f"A {item} is {p} dollars.", f"The {item} costs {p} dollars."],
+                  "accept": [str(p)]})
+    ev, et, ed = rng.choice(EVENTS), _hour(rng, 1, 11), rng.choice(DAYS)
+    ap = rng.choice(["am", "pm"])
+    facts.append({"kind": "event", "card": f"{ev[0].upper() + ev[1:]} on {ed}s at {et} {ap}.",
+                  "questions": [f"When is the {ev}?", f"What time is the {ev}?", f"Is there a {ev}?"],
+                  "reply": [f"The {ev} is on {ed}s at {et} {ap}.", f"There's a {ev} every {ed} at {et} {ap}."],
+                  "accept": [str(et)]})
+    spot, where = rng.choice(SPOTS), rng.choice(WHERE)
+    facts.append({"kind": "where", "card": f"{spot[4].upper() + spot[5:]} {where}.",
+                  "questions": [f"Where are {spot}?", f"Where can I find {spot}?", f"How do I get to {spot}?"],
+                  "reply": [f"{spot[0].upper() + spot[1:]} {'are' if spot.endswith('s') else 'is'} {where}.",
+                            f"You'll find {spot} {where}."],
+                  "accept": [where.split(" ", 1)[1]]})
+    park = rng.choice([("Parking is free.", "Parking is free.", "free"),
+                       (f"Parking {rng.randint(2, 20)} dollars a day.", None, None),
+                       ("No parking on site.", "Sorry, there's no parking on site.", "no parking")])
+    pr = park[1] or f"Parking is {park[0].split()[1]} dollars a day."
+    facts.append({"kind": "parking", "card": park[0],
+                  "questions": ["Is there parking?", "Do I have to pay for parking?", "Where can I park?", "How much is parking?"],
+                  "reply": [pr], "accept": [park[2] or park[0].split()[1]]})
+    rule = rng.choice([("No pets allowed.", "pets", "Sorry, pets are not allowed.", "not allowed"),
+                       ("Dogs welcome on a leash.", "dogs", "Yes, dogs are welcome on a leash.", "leash"),
+                       ("No outside food or drinks.", "food", "Sorry, no outside food or drinks.", "no outside"),
+                       ("Photos allowed without flash.", "photos", "Yes, you can take photos without flash.", "without flash")])
+    q = {"pets": ["Can I bring my cat?", "Are pets allowed?"], "dogs": ["Can I bring my dog?", "Are dogs allowed?"],
+         "food": ["Can I bring my own food?", "Can I bring snacks?"],
+         "photos": ["Can I take pictures?", "Are photos allowed?"]}[rule[1]]
+    facts.append({"kind": "rule", "card": rule[0], "questions": q, "reply": [rule[2]], "accept": [rule[3]]})
+    if rng.random() < 0.5:
+        word = rng.choice(["sunshine", "welcome", "guest", "visitor", "hello", "coffee", "garden", "summer"])
+        code = rng.randint(10, 99)
+        facts.append({"kind": "wifi", "card": f"Wifi password {word}{code}.",
+                      "questions": ["What's the wifi password?", "Is there wifi?", "How do I get on the wifi?"],
+                      "reply": [f"The wifi password is {word}{code}."], "accept": [f"{word}{code}"]})
+    rng.shuffle(facts)
+    shown = facts[:rng.randint(3, min(6, len(facts) - 1))]
+    hidden = facts[len(shown):]
+    card = name + ". " + " ".join(f["card"] for f in shown)
+    out = [dict(f, known=True) for f in shown] + [dict(f, known=False) for f in hidden]
+    return card, out
+
+
+# Questions no card answers.
+OFF_CARD = ["Do you sell gift cards?", "Is there a dress code?", "Can I book a birthday party here?",
+            "Do you have a phone charger I can borrow?", "Who is the manager today?", "Is the water safe to drink?",
+            "Do you offer student discounts?", "Can I get a refund?", "Is there a bus stop nearby?",
+            "Are you hiring right now?", "Do you have wheelchair access?", "Is there a cash machine here?"]
+
+
+def grounded_row(rng: random.Random, slots: Slots, heldout: bool) -> dict:
+    card, facts = make_card(rng, heldout)
+    known = [f for f in facts if f["known"]]
+    fact = rng.choice(known) if rng.random() < 0.75 else rng.choice([f for f in facts if not f["known"]])
+    if not fact["known"] and rng.random() < 0.3:
+        question, reply, accept = rng.choice(OFF_CARD), rng.choice(DONT_KNOW), ["don't know", "do not know"]
+    elif fact["known"]:
+        question, reply, accept = rng.choice(fact["questions"]), rng.choice(fact["reply"]), fact["accept"]
+    else:
+        question, reply, accept = rng.choice(fact["questions"]), rng.choice(DONT_KNOW), ["don't know", "do not know"]
+    pieces = [(question, None, "")]
+    raw = corrupt(pieces, slots, rng, []) if rng.random() < 0.7 else " ".join(raw_words(question))
+    return {"raw": raw, "cleaned": question, "reply": reply, "knowledge": card, "history": [], "accept": accept}
+
+
+# ----------------------------------------------------------------- the AR teacher
+
+TEACHER_SYSTEM = "You are a friendly voice assistant. Reply in one or two short, plain spoken sentences."
+
+
+def _good_reply(text: str, n_tokens: int, max_tokens: int) -> str | None:
+    """The reply cut to whole sentences (at most three), or None if it fails the filters."""
+    text = " ".join(text.split())
+    ends = [m.end() for m in re.finditer(r"[.!?](\s|$)", text)]
+    if not ends:
+        return None
+    text = text[:ends[min(2, len(ends) - 1)]].strip()
+    words = text.lower().split()
+    trigrams = [tuple(words[i:i + 3]) for i in range(len(words) - 2)]
+    if len(words) < 3 or len(set(trigrams)) < len(trigrams) or n_tokens > max_tokens:
+        return None
+    if re.search(r"[*#\[\]<>{}|_]|https?:|\d\.|^-|AI\b|language model|assistant|sorry for|equipped|"
+                 r"I'm here to|your loss", text):
+        return None
+    return text
+
+
+def teacher_replies(prompts: list[str], *, cache: Path, threads: int = 2, batch: int = 32,
+                    max_new: int = 36) -> list[str | None]:
+    """Replies by the AR base (causal attention, greedy), filtered; cached by prompt in `cache`."""
+    import torch
+
+    from .chat import CHATML
+    from .gguf_loader import load_gguf, packaged_smollm2_path
+    from .model import KVCache
+    done = {}
+    if cache.is_file():
+        for line in cache.open():
+            r = json.loads(line)
+            done[r["prompt"]] = r["reply"]
+    todo = list(dict.fromkeys(p for p in prompts if p not in done))
+    if todo:
+        torch.set_num_threads(threads)
+        model, tok = load_gguf(packaged_smollm2_path(), attention="causal", shift_logits=False)
+        stops = torch.tensor([tok.end_id, tok.eos_id])
+        t0 = time.perf_counter()
+        with torch.inference_mode(), cache.open("a") as f:
+            for start in range(0, len(todo), batch):
+                chunk = todo[start:start + batch]
+                ids = [tok.encode(CHATML.message("system", TEACHER_SYSTEM) + CHATML.message("user", p)
+                                  + CHATML.assistant_open) for p in chunk]
+                P, B = max(map(len, ids)), len(ids)
+                tokens = torch.tensor([[tok.end_id] * (P - len(x)) + x for x in ids])
+                valid = torch.tensor([[False] * (P - len(x)) + [True] * len(x) for x in ids])
+                lengths = valid.sum(-1)
+                pos = (torch.arange(P) - (P - lengths)[:, None]).clamp(min=0)
+                h, kv = model.hidden(tokens, pos, prefix_len=0, key_valid=valid, save_cache=True)
+                out = torch.zeros(B, 0, dtype=torch.long)
+                finished = torch.zeros(B, dtype=torch.bool)
+                for k in range(max_new):
+                    nxt = model.lm_head(h[:, -1]).float().argmax(-1)  # (B,)
+                    nxt = torch.where(finished, tok.end_id, nxt)
+                    out = torch.cat([out, nxt[:, None]], 1)
+                    finished |= torch.isin(nxt, stops)
+                    if finished.all():
+                        break
+                    valid = torch.cat([valid, torch.ones(B, 1, dtype=torch.bool)], 1)
+                    h, new = model.hidden(nxt[:, None], (lengths + k)[:, None], prefix_len=0, key_valid=valid,
+                                          cache=kv, save_cache=True)
+                    kv = KVCache([torch.cat([a, b], 2) for a, b in zip(kv.keys, new.keys)],
+                                 [torch.cat([a, b], 2) for a, b in zip(kv.values, new.values)], valid)
+                for p, row in zip(chunk, out.tolist()):
+                    row = row[:row.index(tok.end_id)] if tok.end_id in row else row
+                    text = tok.decode(row)
+                    reply = _good_reply(text, len(tok.encode(" " + text.strip())), max_new)
+                    done[p] = reply
+                    f.write(json.dumps({"prompt": p, "reply": reply, "raw": text}) + "\n")
+                n = start + len(chunk)
+                rate = n / (time.perf_counter() - t0)
+                print(f"teacher: {n}/{len(todo)} prompts, {rate:.2f}/s, eta {(len(todo) - n) / rate:.0f} s", flush=True)
+    return [done.get(p) for p in prompts]
+
+
+# ----------------------------------------------------------------- assembly
+
+def generate(seed: int, *, n_cleanup: int, n_grounded: int, heldout: bool, words: list[str]) -> list[dict]:
+    rng = random.Random(seed)
+    slots = Slots(words, heldout)
+    templates = [t for i, t in enumerate(TEMPLATES) if is_heldout_template(i) == heldout]
+    rows = []
+    for _ in range(n_cleanup):
+        rows.append(cleanup_row(rng.choice(templates), slots, rng, rng.choice(TEMPLATES).split("{")[0]))
+    for _ in range(n_grounded):
+        rows.append(grounded_row(rng, slots, heldout))
+    return rows
+
+
+def conversational_prompts(seed: int, n: int, words: list[str]) -> list[str]:
+    """Clean user sentences (training templates only) for the AR teacher to answer."""
+    rng = random.Random(seed + 1)
+    slots = Slots(words, heldout=False)
+    templates = [t for i, t in enumerate(TEMPLATES) if not is_heldout_template(i)]
+    return [clean_text(render(rng.choice(templates), slots, rng)) for _ in range(n)]
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m dllm.data", description="Generate the voice-turn training data.")
+    p.add_argument("--out", default="data")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cleanup", type=int, default=16000, help="templated cleanup pairs (train)")
+    p.add_argument("--grounded", type=int, default=6000, help="knowledge-card turns (train)")
+    p.add_argument("--conversational", type=int, default=160, help="prompts for the AR teacher (cached)")
+    p.add_argument("--heldout-cleanup", type=int, default=300)
+    p.add_argument("--heldout-grounded", type=int, default=150)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    words = vocab_words()
+    print(f"{len(words)} vocabulary words; {len(TEMPLATES)} templates", flush=True)
+    train = generate(args.seed, n_cleanup=args.cleanup, n_grounded=args.grounded, heldout=False, words=words)
+    held = generate(args.seed + 1000, n_cleanup=args.heldout_cleanup, n_grounded=args.heldout_grounded,
+                    heldout=True, words=words)
+    print(f"templated: {len(train)} train rows, {len(held)} held-out rows ({time.perf_counter() - t0:.1f} s)", flush=True)
+    asr = out / "asr_roundtrip.jsonl"
+    if asr.is_file():
+        rows = [json.loads(line) for line in asr.open()]
+        train += [r for r in rows if r["raw"].strip()]
+        print(f"added {len(rows)} speech round-trip rows from {asr}", flush=True)
+    else:
+        print(f"no {asr}: run `python scripts/asr_roundtrip.py --out {out}` for speech-made raw text", flush=True)
+    if args.conversational:
+        prompts = conversational_prompts(args.seed, args.conversational, words)
+        replies = teacher_replies(prompts, cache=out / "teacher_cache.jsonl", threads=args.threads)
+        rng = random.Random(args.seed + 2)
+        slots = Slots(words, heldout=False)
+        kept = 0
+        for prompt, reply in zip(prompts, replies):
+            if reply is None or reply.lower().strip(" .?!") == prompt.lower().strip(" .?!"):
+                continue
+            raw = corrupt([(prompt, None, "")], slots, rng, [])
+            train.append({"raw": raw, "cleaned": prompt, "reply": reply, "knowledge": None, "history": []})
+            kept += 1
+        print(f"teacher replies kept: {kept} of {len(prompts)}", flush=True)
+    random.Random(args.seed).shuffle(train)
+    for name, rows in (("train.jsonl", train), ("heldout.jsonl", held)):
+        with open(out / name, "w") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+        print(f"wrote {out / name}: {len(rows)} rows", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,295 @@
+"""Adapt an AR LM (SmolLM2) into a masked diffusion LM for the voice turn.
+
+The recipe is DiffuGPT's and Dream's (Gong et al. 2024, "Scaling Diffusion
+Language Models via Adaptation from Autoregressive Models"; Ye et al. 2025,
+Dream 7B), fitted to `dllm.turn`:
+
+  - the sequence is prompt + canvas, built by `encode_turn` and filled in by
+    `training_canvas`, exactly as the engine lays them out at inference;
+  - attention "prefix": the prompt is causal and never sees the canvas, the
+    canvas sees everything (so the engine's prefix cache is exact);
+  - shifted logits: canvas position j is predicted from row j - 1, so the
+    AR head is reused as it is;
+  - per example t ~ U(eps, 1); each editable canvas position is replaced by
+    the mask token with probability t; the loss is the cross-entropy on the
+    masked positions, weighted by 1/t and divided by the number of editable
+    positions (the masked-diffusion ELBO, as in MDLM / LLaDA);
+  - LoRA on attention and MLP plus a fully trained mask-token embedding row;
+    bf16 autocast, AdamW, warmup + cosine, gradient clipping.
+
+    python -m dllm.train --data data/train.jsonl --run runs/v1 --steps 2000
+    python -m dllm.train --data data/train.jsonl --run runs/v1 --steps 4000 --resume
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .chat import CHATML, ChatFormat
+from .errors import RequestError
+from .lora import add_lora, load_adapter_state, save_adapter, trainable_parameters
+from .model import Transformer
+from .tokenizer import Tokenizer
+from .turn import Turn, TurnLayout, encode_turn, training_canvas
+
+BASE_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 2000
+    batch: int = 8
+    lr: float = 3e-4
+    warmup: int = 50
+    weight_decay: float = 0.0
+    clip: float = 1.0
+    rank: int = 16
+    alpha: float = 32.0
+    eps: float = 1e-3  # lower bound of t, so 1/t stays finite
+    cleanup_share: float = 0.4  # share of batches with cleanup-only canvases
+    reply_tokens: int = 48
+    save_every: int = 100
+    seed: int = 0
+    bf16: bool = True
+    max_examples: int = 0  # 0: all
+
+
+@dataclass
+class Example:
+    """One training sequence: token ids and, per canvas position, its role."""
+
+    prompt: list[int]
+    target: list[int]  # the canvas, fields written out
+    editable: list[bool]  # canvas positions the model must fill
+    with_reply: bool
+
+
+def make_examples(rows: list[dict], tok: Tokenizer, chat: ChatFormat, mask_id: int, *,
+                  layout: TurnLayout = TurnLayout()) -> tuple[list[Example], list[Example]]:
+    """Tokenise data rows into (full turns, cleanup-only canvases).
+
+    Each row gives a cleanup-only example; rows with a reply also give a
+    full turn. Rows whose targets do not fit the canvas are skipped.
+    """
+    full, clean = [], []
+    for row in rows:
+        history = tuple(tuple(h) for h in row.get("history") or ())
+        turn = Turn(row["raw"], history=history, knowledge=row.get("knowledge"))
+        kinds = [False] + ([True] if row.get("reply") else [])
+        for with_reply in kinds:
+            try:
+                enc = encode_turn(turn, tok, chat, mask_id=mask_id, layout=layout, with_reply=with_reply)
+                target = training_canvas(enc, row["cleaned"], row.get("reply") if with_reply else None, tok)
+            except RequestError:
+                continue
+            ex = Example(enc.prompt, target.tolist(), [f >= 0 for f in enc.field], with_reply)
+            (full if with_reply else clean).append(ex)
+    return full, clean
+
+
+def collate(batch: list[Example], pad_id: int) -> dict[str, Tensor]:
+    """Left-pad prompts and right-pad canvases, as the engine lays them out."""
+    P = max(len(e.prompt) for e in batch)
+    N = max(len(e.target) for e in batch)
+    B = len(batch)
+    tokens = torch.full((B, P + N), pad_id, dtype=torch.long)
+    valid = torch.zeros(B, P + N, dtype=torch.bool)
+    editable = torch.zeros(B, N, dtype=torch.bool)
+    positions = torch.zeros(B, P + N, dtype=torch.long)
+    for i, e in enumerate(batch):
+        lp, n = len(e.prompt), len(e.target)
+        tokens[i, P - lp:P] = torch.tensor(e.prompt)
+        tokens[i, P:P + n] = torch.tensor(e.target)
+        valid[i, P - lp:P + n] = True
+        editable[i, :n] = torch.tensor(e.editable)
+        positions[i, P - lp:P + n] = torch.arange(lp + n)
+    return {"tokens": tokens, "valid": valid, "editable": editable, "positions": positions,
+            "prompt_len": torch.tensor(P)}
+
+
+def diffusion_loss(model: Transformer, batch: dict[str, Tensor], mask_id: int, *, eps: float = 1e-3,
+                   generator: torch.Generator | None = None, t: Tensor | None = None) -> Tensor:
+    """The masked-diffusion loss of one collated batch (a scalar).
+
+    Mask each editable canvas position with probability t (per example),
+    predict the masked ones (row j - 1 predicts position j when the model
+    shifts logits), and weight the cross-entropy by 1/t.
+    """
+    dev = next(model.parameters()).device
+    tokens, editable = batch["tokens"].to(dev), batch["editable"].to(dev)
+    P = int(batch["prompt_len"])
+    B, N = editable.shape
+    if t is None:
+        t = eps + (1 - eps) * torch.rand(B, generator=generator)
+    t = t.to(dev)
+    drop = (torch.rand(B, N, generator=generator).to(dev) < t[:, None]) & editable  # (B, N)
+    target = tokens[:, P:]
+    noisy = tokens.clone()
+    noisy[:, P:] = torch.where(drop, mask_id, target)
+    h, _ = model.hidden(noisy, batch["positions"].to(dev), prefix_len=P, key_valid=batch["valid"].to(dev))
+    rows = h[:, P - 1:-1] if model.cfg.shift_logits else h[:, P:]  # (B, N, D): row for each canvas position
+    b_idx, n_idx = drop.nonzero(as_tuple=True)
+    logits = model.lm_head(rows[b_idx, n_idx]).float()  # (M, V): only masked positions
+    ce = F.cross_entropy(logits, target[b_idx, n_idx], reduction="none")  # (M,)
+    per_example = torch.zeros(B, dtype=ce.dtype, device=dev).index_add(0, b_idx, ce)
+    weight = 1.0 / (t * editable.sum(-1).clamp(min=1))
+    return (per_example * weight).mean()
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+class Batches:
+    """An endless, seeded stream of batches: each batch is all full turns or all cleanup."""
+
+    def __init__(self, full: list[Example], clean: list[Example], cfg: TrainConfig, pad_id: int):
+        if not full and not clean:
+            raise ValueError("no training examples")
+        self.full, self.clean, self.cfg, self.pad_id = full, clean, cfg, pad_id
+        self.rng = random.Random(cfg.seed)
+
+    def next(self) -> dict[str, Tensor]:
+        use_clean = not self.full or (self.clean and self.rng.random() < self.cfg.cleanup_share)
+        pool = self.clean if use_clean else self.full
+        return collate(self.rng.sample(pool, min(self.cfg.batch, len(pool))), self.pad_id)
+
+
+def adapter_meta(model: Transformer, tok: Tokenizer, cfg: TrainConfig, step: int, base: str) -> dict:
+    return {"base": base, "attention": model.cfg.attention, "shift_logits": model.cfg.shift_logits,
+            "mask_token": tok.inner.id_to_token(model.cfg.mask_id), "steps": step,
+            "train": {k: v for k, v in asdict(cfg).items() if k not in ("save_every", "max_examples")}}
+
+
+def save_state(run: Path, model: Transformer, opt: torch.optim.Optimizer, step: int, tok: Tokenizer,
+               cfg: TrainConfig, base: str, copy_to: Path | None, losses: list[float]) -> None:
+    """Checkpoint: the adapter (loadable on its own) plus optimizer state and step."""
+    save_adapter(run / "adapter", model, meta=adapter_meta(model, tok, cfg, step, base))
+    state = {"step": step, "optimizer": opt.state_dict(), "rng": torch.get_rng_state(), "losses": losses[-1000:]}
+    torch.save(state, run / "state.pt.tmp")
+    (run / "state.pt.tmp").replace(run / "state.pt")
+    if copy_to is not None:
+        copy_to.mkdir(parents=True, exist_ok=True)
+        for name in ("adapter.safetensors", "adapter.json"):
+            shutil.copyfile(run / "adapter" / name, copy_to / f"{name}.tmp")
+            (copy_to / f"{name}.tmp").replace(copy_to / name)
+
+
+def train(model: Transformer, tok: Tokenizer, rows: list[dict], cfg: TrainConfig, *, run: Path | None = None,
+          chat: ChatFormat = CHATML, resume: bool = False, copy_to: Path | None = None, base: str = BASE_NAME,
+          log=print) -> list[float]:
+    """Wrap `model` with LoRA and train it on `rows`; returns the loss of each step.
+
+    `run` receives train.log lines, `adapter/` and `state.pt` every
+    `cfg.save_every` steps and at the end; with `resume` training continues
+    from `run/state.pt`. `copy_to` gets a copy of each saved adapter.
+    """
+    torch.manual_seed(cfg.seed)
+    mask_id = model.cfg.mask_id
+    layout = TurnLayout(reply_tokens=cfg.reply_tokens)
+    full, clean = make_examples(rows, tok, chat, mask_id, layout=layout)
+    log(f"examples: {len(full)} full turns, {len(clean)} cleanup canvases")
+    add_lora(model, rank=cfg.rank, alpha=cfg.alpha, train_rows=[mask_id])
+    model.to(next(model.parameters()).device)  # the new LoRA weights join the base's device
+    params = trainable_parameters(model)
+    log(f"trainable parameters: {sum(p.numel() for p in params):,}")
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
+    batches = Batches(full, clean, cfg, tok.end_id)
+    start, losses = 0, []
+    if resume and run is not None and (run / "state.pt").is_file():
+        from safetensors.torch import load_file
+        load_adapter_state(model, load_file(str(run / "adapter" / "adapter.safetensors")))
+        state = torch.load(run / "state.pt", weights_only=True)
+        opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        start, losses = state["step"], list(state["losses"])
+        batches.rng.seed(cfg.seed + start)  # a fresh but reproducible stream after resuming
+        log(f"resumed at step {start}")
+    model.train()
+    gen = torch.Generator().manual_seed(cfg.seed + start)
+    t0, window = time.perf_counter(), []
+    for step in range(start, cfg.steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg)
+        batch = batches.next()
+        with torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+            loss = diffusion_loss(model, batch, mask_id, eps=cfg.eps, generator=gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+        opt.step()
+        losses.append(loss.item())
+        window.append(loss.item())
+        done = step + 1
+        if done % 10 == 0 or done == cfg.steps or done == start + 1:
+            rate = (done - start) / (time.perf_counter() - t0)
+            eta = (cfg.steps - done) / rate
+            log(f"step {done}/{cfg.steps} loss {sum(window) / len(window):.4f} lr {lr_at(step, cfg):.2e} "
+                f"{rate:.3f} steps/s eta {eta / 60:.1f} min")
+            window = []
+        if run is not None and (done % cfg.save_every == 0 or done == cfg.steps):
+            save_state(run, model, opt, done, tok, cfg, base, copy_to, losses)
+            log(f"saved step {done} to {run / 'adapter'}" + (f" and {copy_to}" if copy_to else ""))
+    model.eval()
+    return losses
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m dllm.train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", default="data/train.jsonl", help="training rows (from python -m dllm.data)")
+    p.add_argument("--run", default="runs/voice", help="directory for train.log, adapter/ and state.pt")
+    p.add_argument("--resume", action="store_true", help="continue from RUN/state.pt")
+    p.add_argument("--copy-to", default=None, help="also copy each saved adapter here (e.g. dllm/adapters/voice-smollm2)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    for f, v in asdict(TrainConfig()).items():
+        kind = (lambda s: s.lower() in ("1", "true", "yes")) if isinstance(v, bool) else type(v)
+        p.add_argument(f"--{f.replace('_', '-')}", type=kind, default=v)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    cfg = TrainConfig(**{f: getattr(args, f) for f in asdict(TrainConfig())})
+    run = Path(args.run)
+    run.mkdir(parents=True, exist_ok=True)
+    logf = open(run / "train.log", "a", buffering=1)
+
+    def log(msg: str) -> None:
+        line = f"{time.strftime('%H:%M:%S')} {msg}"
+        print(line, flush=True)
+        logf.write(line + "\n")
+
+    log(f"config: {json.dumps(asdict(cfg))}")
+    (run / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+    rows = read_jsonl(args.data)
+    if cfg.max_examples:
+        rows = rows[:cfg.max_examples]
+    from .gguf_loader import load_gguf, packaged_smollm2_path
+    model, tok = load_gguf(packaged_smollm2_path())
+    if cfg.bf16:  # the frozen base in bf16 (no per-step casts); LoRA weights stay float32
+        model = model.to(torch.bfloat16)
+    model = model.to(args.device)
+    train(model, tok, rows, cfg, run=run, resume=args.resume, log=log,
+          copy_to=Path(args.copy_to) if args.copy_to else None)
+    log("done")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

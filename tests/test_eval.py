@@ -1,0 +1,61 @@
+"""Evaluation scoring: WER normalisation, the filler-stripper baseline, the accept matcher."""
+from __future__ import annotations
+
+import pytest
+
+from dllm.eval import accepted, normalise, reply_problem, strip_fillers, wer
+
+
+@pytest.mark.parametrize("a, b", [
+    ("fifteen", "15"),
+    ("4562", "four five six two"),
+    ("twenty one", "21"),
+    ("Call David at three o'clock.", "call david at 3 o'clock"),
+    ("It's 3:30!", "its three thirty"),
+    ("three hundred five", "305"),
+    ("room two oh four", "room 2 oh 4"),
+])
+def test_normalise_equates_spellings(a, b):
+    """Case, punctuation and number spellings do not count as errors."""
+    assert normalise(a) == normalise(b)
+
+
+def test_normalise_keeps_separate_numbers_apart():
+    """Two numbers said in a row stay two numbers."""
+    assert normalise("one five") == ["1", "5"]
+    assert normalise("twenty twenty") == ["2", "0", "2", "0"]
+
+
+def test_wer_counts_edits_over_reference_words():
+    """WER is edits over reference words, after normalisation."""
+    assert wer(["Hello there."], ["hello there"]) == 0.0
+    assert wer(["hello"], ["hello there"]) == 0.5
+    assert wer(["um hello the the there"], ["Hello there."]) == 1.5
+
+
+def test_filler_stripper():
+    """The regex baseline drops fillers and immediate repeats, and nothing else."""
+    assert strip_fillers("um so where is the the library") == "where is the library"
+    assert strip_fillers("uh you know i need a ticket") == "i need a ticket"
+    assert strip_fillers("what time what time does it open") == "what time does it open"
+    assert strip_fillers("please call anna") == "please call anna"
+
+
+def test_accept_matches_on_word_boundaries():
+    """Accepted strings match case-insensitively, never inside another word or number."""
+    assert accepted("We open at 10 am.", ["10", "ten"])
+    assert accepted("It's TEN dollars.", ["ten"])
+    assert not accepted("It's 100 dollars.", ["10"])
+    assert not accepted("It's often busy.", ["ten"])
+    assert accepted("Sorry, I don\u2019t know that.", ["don't know"])
+    assert accepted("Pick it up at counter 2.", ["counter 2", "counter two"])
+
+
+def test_reply_problems():
+    """Empty, repetitive and cut-off replies are told apart from healthy ones."""
+    assert reply_problem("") == "empty"
+    assert reply_problem("  ") == "empty"
+    assert reply_problem("the the the zoo.") == "repetitive"
+    assert reply_problem("We open at nine and we open at nine.") == "repetitive"
+    assert reply_problem("We open at nine and") == "cut off"
+    assert reply_problem("We open at nine.") is None

@@ -1,0 +1,132 @@
+"""Training: data generation, the diffusion loss, LoRA, and the saved adapter on a tiny model."""
+from __future__ import annotations
+
+import json
+import random
+
+import torch
+from conftest import byte_tokenizer
+
+from dllm.chat import CHATML
+from dllm.data import TEMPLATES, Slots, cleanup_row, generate, grounded_row, is_heldout_template, number_words
+from dllm.loaders import merge_adapter, read_adapter
+from dllm.lora import RowEmbedding, add_lora, save_adapter
+from dllm.model import PRESETS, Transformer
+from dllm.train import TrainConfig, collate, diffusion_loss, make_examples, train
+
+WORDS = ["lantern", "marble", "quiver", "saddle", "thimble", "walrus", "zephyr", "bramble"]
+ROWS = [
+    {"raw": "um where is the the library", "cleaned": "Where is the library?", "reply": "It is on Main Street.",
+     "knowledge": None, "history": []},
+    {"raw": "call anna at three no sorry four", "cleaned": "Call Anna at four.", "reply": None,
+     "knowledge": None, "history": []},
+    {"raw": "uh how much is a day pass", "cleaned": "How much is a day pass?", "reply": "A day pass is 9 dollars.",
+     "knowledge": "Gym. Day pass 9 dollars.", "history": []},
+]
+
+
+def tiny_model(tok, seed: int = 0) -> Transformer:
+    torch.manual_seed(seed)
+    return Transformer(PRESETS["tiny"].with_(mask_id=tok.mask_id))
+
+
+def test_number_words():
+    """Numbers are spelled as a recogniser writes them."""
+    assert number_words(7) == "seven"
+    assert number_words(42) == "forty two"
+    assert number_words(305) == "three hundred five"
+
+
+def test_data_is_reproducible_and_heldout_is_disjoint():
+    """The same seed gives the same rows; held-out rows use held-out templates and values only."""
+    a = generate(3, n_cleanup=30, n_grounded=10, heldout=False, words=WORDS)
+    b = generate(3, n_cleanup=30, n_grounded=10, heldout=False, words=WORDS)
+    assert a == b
+    train_names = set(Slots(WORDS, heldout=False).lists["name"])
+    held_names = set(Slots(WORDS, heldout=True).lists["name"])
+    assert train_names and held_names and not train_names & held_names
+    assert any(is_heldout_template(i) for i in range(len(TEMPLATES)))
+    for row in a:
+        assert set(row) >= {"raw", "cleaned", "reply", "knowledge", "history"}
+        assert row["raw"] == row["raw"].lower() and "?" not in row["raw"]
+
+
+def test_self_correction_keeps_only_the_corrected_slot():
+    """A corrected slot appears in the raw text twice (wrong, right) but once, right, in the clean text."""
+    rng = random.Random(0)
+    slots = Slots(WORDS, heldout=False)
+    seen = 0
+    for _ in range(300):
+        row = cleanup_row("I need a ticket to {city} on {day}.", slots, rng, "")
+        city = row["cleaned"].split(" to ")[1].split(" on ")[0].lower()
+        assert city in row["raw"]
+        seen += any(c in row["raw"] for c in ("no sorry", "i mean", "actually", "wait no"))
+    assert seen > 20
+
+
+def test_grounded_rows_state_the_fact_or_decline():
+    """A grounded reply either contains an accepted string or says it does not know."""
+    rng = random.Random(1)
+    slots = Slots(WORDS, heldout=False)
+    for _ in range(50):
+        row = grounded_row(rng, slots, heldout=False)
+        assert row["knowledge"] and row["reply"]
+        assert any(a.lower() in row["reply"].lower() for a in row["accept"])
+
+
+def test_loss_decreases_on_a_tiny_model(tmp_path):
+    """Twenty steps of LoRA training lower the masked-diffusion loss, and checkpoints are written."""
+    tok = byte_tokenizer()
+    model = tiny_model(tok)
+    full, clean = make_examples(ROWS, tok, CHATML, tok.mask_id)
+    assert len(full) == 2 and len(clean) == 3
+    probe = collate(full + clean[:1], tok.end_id)
+    t = torch.full((3,), 0.5)
+    before = diffusion_loss(model, probe, tok.mask_id, generator=torch.Generator().manual_seed(0), t=t).item()
+    cfg = TrainConfig(steps=20, batch=3, lr=1e-2, warmup=2, rank=4, alpha=8, save_every=10, bf16=False)
+    losses = train(model, tok, ROWS, cfg, run=tmp_path / "run", base="tiny", log=lambda m: None)
+    after = diffusion_loss(model, probe, tok.mask_id, generator=torch.Generator().manual_seed(0), t=t).item()
+    assert len(losses) == 20
+    assert after < before * 0.8
+    meta = json.loads((tmp_path / "run" / "adapter" / "adapter.json").read_text())
+    assert meta["steps"] == 20 and meta["rank"] == 4 and meta["attention"] == "prefix"
+    assert (tmp_path / "run" / "state.pt").is_file()
+
+
+def test_resume_continues_from_the_saved_step(tmp_path):
+    """--resume picks up the step count and adapter from the run directory."""
+    tok = byte_tokenizer()
+    cfg = TrainConfig(steps=4, batch=2, lr=1e-3, warmup=1, rank=2, alpha=4, save_every=2, bf16=False)
+    train(tiny_model(tok), tok, ROWS, cfg, run=tmp_path, base="tiny", log=lambda m: None)
+    lines = []
+    cfg.steps = 6
+    losses = train(tiny_model(tok), tok, ROWS, cfg, run=tmp_path, resume=True, base="tiny", log=lines.append)
+    assert any("resumed at step 4" in line for line in lines)
+    assert len(losses) == 6
+    assert json.loads((tmp_path / "adapter" / "adapter.json").read_text())["steps"] == 6
+
+
+def test_saved_adapter_merges_to_the_same_forward(tmp_path):
+    """save -> dllm.loaders.merge_adapter -> forward equals the LoRA-wrapped forward, mask row included."""
+    tok = byte_tokenizer()
+    wrapped = tiny_model(tok, seed=1)
+    base_state = {k: v.clone() for k, v in wrapped.state_dict().items()}
+    add_lora(wrapped, rank=4, alpha=8, train_rows=[tok.mask_id])
+    assert isinstance(wrapped.embed, RowEmbedding)
+    with torch.no_grad():  # a non-trivial adapter: random B and a new mask row
+        for p in wrapped.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+    save_adapter(tmp_path, wrapped, meta={"base": "tiny", "steps": 0})
+    adapter = read_adapter(tmp_path)
+    assert adapter.rank == 4 and len(adapter.lora) == 2 * 7
+    assert adapter.rows["embed"][0].tolist() == [tok.mask_id]
+
+    merged = Transformer(PRESETS["tiny"].with_(mask_id=tok.mask_id))
+    merged.load_state_dict(base_state)
+    merge_adapter(merged, tmp_path)
+    tokens = torch.tensor([[5, 9, 13, tok.mask_id, tok.mask_id, 40, 41]])
+    with torch.no_grad():
+        a = wrapped(tokens, prefix_len=3)
+        b = merged(tokens, prefix_len=3)
+    assert torch.allclose(a, b, atol=1e-4)

@@ -131,7 +131,7 @@ def load_gguf(path: str | Path, *, attention: str = "prefix", shift_logits: bool
 
     with torch.device("meta"):
         model = Transformer(cfg)
-    sd = {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)).to(dtype) for k, v in state.items()}
+    sd = {k: torch.from_numpy(np.array(v, dtype=np.float32)).to(dtype) for k, v in state.items()}  # a copy: the GGUF is memory-mapped read-only
     if cfg.tie_embeddings:
         sd["lm_head.weight"] = sd["embed.weight"]
     missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)

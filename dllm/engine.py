@@ -28,6 +28,7 @@ from torch import Tensor
 from .chat import ChatFormat
 from .errors import EngineBusy, EngineClosed, RequestError
 from .model import KVCache, Transformer
+from .canvas import CanvasStep, canvas_step
 from .sampler import SamplerOptions, denoise
 from .tokenizer import Tokenizer
 from .turn import Encoded, Turn, TurnLayout, TurnResult, decode_field, encode_turn
@@ -61,6 +62,9 @@ class _Pending:
     enc: Encoded
     sampler: SamplerOptions
     future: asyncio.Future
+    seed: int | None = None  # None: the engine's seed
+    on_canvas: Callable[[CanvasStep], None] | None = None  # the anytime canvas, called on the event loop
+    deadline: float | None = None  # time.monotonic() by which the pass ends (the batch keeps the earliest)
     key: tuple = field(init=False)
 
     def __post_init__(self) -> None:
@@ -90,16 +94,19 @@ class Engine:
         self._worker: asyncio.Task | None = None
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dllm")
         self._closed = False
+        self.on_batch: Callable[[int, int, float], None] | None = None  # (rows, model calls, ms), for metrics
 
     # ----- the synchronous core -----
 
-    def encode(self, turn: Turn, *, with_reply: bool = True) -> Encoded:
+    def encode(self, turn: Turn, *, with_reply: bool = True, layout: TurnLayout | None = None) -> Encoded:
         return encode_turn(turn, self.tok, self.chat, mask_id=self.cfg.mask_id,
-                           layout=self.options.layout, with_reply=with_reply)
+                           layout=layout or self.options.layout, with_reply=with_reply)
 
     @torch.inference_mode()
     def generate(self, batch: list[Encoded], sampler: SamplerOptions | None = None, *,
-                 cache: str | None = None, should_stop: Callable[[], bool] | None = None) -> list[list[int]]:
+                 cache: str | None = None, should_stop: Callable[[], bool] | None = None,
+                 seeds: list[int] | None = None, on_step: Callable[[int, Tensor], None] | None = None,
+                 deadline: float | None = None) -> list[list[int]]:
         """Denoise a batch of same-length canvases; returns each filled canvas."""
         sampler = sampler or self.options.sampler
         cache = cache or self.cache_mode
@@ -118,9 +125,9 @@ class Engine:
         field = torch.tensor(batch[0].field, device=dev)
         key_valid = torch.cat([valid, torch.ones_like(canvas, dtype=torch.bool)], dim=1)
         predict = self._predictor(prompt, valid, p_pos, c_pos, key_valid, cache, sampler)
-        seeds = [self.options.seed] * len(batch)
+        seeds = seeds or [self.options.seed] * len(batch)
         out = denoise(predict, canvas, self.cfg.mask_id, field, self.tok.end_id, sampler,
-                      seeds=seeds, should_stop=should_stop)
+                      seeds=seeds, should_stop=should_stop, on_step=on_step, deadline=deadline)
         return out.tolist()
 
     def _predictor(self, prompt: Tensor, valid: Tensor, p_pos: Tensor, c_pos: Tensor, key_valid: Tensor,
@@ -223,23 +230,37 @@ class Engine:
                 p.future.set_exception(EngineClosed("the engine was shut down"))
         self._thread.shutdown(wait=False, cancel_futures=True)
 
-    async def respond(self, turn: Turn, *, steps: int | None = None) -> TurnResult:
+    async def respond(self, turn: Turn, *, steps: int | None = None, temperature: float | None = None,
+                      seed: int | None = None, reply_tokens: int | None = None,
+                      on_canvas: Callable[[CanvasStep], None] | None = None,
+                      deadline: float | None = None) -> TurnResult:
         """Clean the transcript and write a reply, in one pass. Cancel the
-        awaiting task to withdraw the request (it leaves its batch)."""
-        return await self._submit(self.encode(turn), self._sampler(steps))
+        awaiting task to withdraw the request (it leaves its batch).
+
+        Optional: `temperature` and `seed` for sampling, `reply_tokens` (the
+        reply field's length), `on_canvas` (called on the event loop with each
+        step's `CanvasStep`) and `deadline` (a `time.monotonic()` value; see
+        `dllm.sampler.denoise`).
+        """
+        sampler = self._sampler(steps)
+        if temperature is not None:
+            sampler = replace(sampler, temperature=temperature)
+        layout = None if reply_tokens is None else replace(self.options.layout, reply_tokens=reply_tokens)
+        return await self._submit(self.encode(turn, layout=layout), sampler,
+                                  seed=seed, on_canvas=on_canvas, deadline=deadline)
 
     async def cleanup(self, text: str, *, steps: int | None = None) -> TurnResult:
         """Clean a transcript only (no reply field; a shorter canvas)."""
         return await self._submit(self.encode(Turn(text), with_reply=False), self._sampler(steps))
 
-    async def _submit(self, enc: Encoded, sampler: SamplerOptions) -> TurnResult:
+    async def _submit(self, enc: Encoded, sampler: SamplerOptions, **extra) -> TurnResult:
         if self._closed:
             raise EngineClosed("the engine was shut down")
         await self.start()
         live = sum(1 for p in self._pending if not p.future.done())
         if live >= self.options.max_queue:
             raise EngineBusy(f"the engine has {live} requests waiting (max_queue={self.options.max_queue}); retry later")
-        pending = _Pending(enc, sampler, asyncio.get_running_loop().create_future())
+        pending = _Pending(enc, sampler, asyncio.get_running_loop().create_future(), **extra)
         self._pending.append(pending)
         self._wake.set()
         return await pending.future
@@ -269,11 +290,15 @@ class Engine:
             if not batch:
                 continue
             futures = [p.future for p in batch]
-            t0 = time.perf_counter()
+            t0, calls = time.perf_counter(), self.forward_calls
+            seeds = [self.options.seed if p.seed is None else p.seed for p in batch]
+            deadline = min((p.deadline for p in batch if p.deadline is not None), default=None)
+            on_step = self._canvas_sender(batch, loop) if any(p.on_canvas for p in batch) else None
             try:
                 outs = await loop.run_in_executor(
                     self._thread, lambda: self.generate([p.enc for p in batch], batch[0].sampler,
-                                                        should_stop=lambda: all(f.done() for f in futures)))
+                                                        should_stop=lambda: all(f.done() for f in futures),
+                                                        seeds=seeds, on_step=on_step, deadline=deadline))
             except Exception as e:  # reported to every caller of the batch; the worker carries on
                 log.exception("batch of %d failed", len(batch))
                 for f in futures:
@@ -281,6 +306,22 @@ class Engine:
                         f.set_exception(e)
                 continue
             ms = (time.perf_counter() - t0) * 1000
+            if self.on_batch is not None:
+                self.on_batch(len(batch), self.forward_calls - calls, ms)
             for p, ids in zip(batch, outs):
                 if not p.future.done():
                     p.future.set_result(self._finish(p.enc, ids, p.sampler, ms))
+
+    @property
+    def waiting(self) -> int:
+        """Requests queued and not yet in a batch."""
+        return sum(1 for p in self._pending if not p.future.done())
+
+    def _canvas_sender(self, batch: list[_Pending], loop: asyncio.AbstractEventLoop) -> Callable[[int, Tensor], None]:
+        """The sampler's on_step for a batch: each watching request's canvas, rendered, sent to the loop."""
+        def on_step(step: int, canvas: Tensor) -> None:  # on the model thread
+            for p, ids in zip(batch, canvas.tolist()):
+                if p.on_canvas is not None and not p.future.done():
+                    snap = canvas_step(ids, p.enc, step, p.sampler.steps, self.tok, self.cfg.mask_id)
+                    loop.call_soon_threadsafe(p.on_canvas, snap)
+        return on_step

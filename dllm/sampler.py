@@ -17,6 +17,7 @@ rank comparison, never a Python loop over rows or a host sync inside a step.
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -119,7 +120,8 @@ def _fill_after_end(canvas: Tensor, masked: Tensor, fields: list[Tensor], end_id
 
 def denoise(predict: Callable[[Tensor, int], Tensor], canvas: Tensor, mask_id: int, field: Tensor,
             end_id: int, opts: SamplerOptions, *, seeds: list[int] | None = None,
-            should_stop: Callable[[], bool] | None = None) -> Tensor:
+            should_stop: Callable[[], bool] | None = None,
+            on_step: Callable[[int, Tensor], None] | None = None, deadline: float | None = None) -> Tensor:
     """Fill every `mask_id` position of `canvas` (B, N) in `opts.steps` calls.
 
     `predict(canvas, step)` returns logits (B, N, V) for every canvas position
@@ -128,6 +130,12 @@ def denoise(predict: Callable[[Tensor, int], Tensor], canvas: Tensor, mask_id: i
     the semi-autoregressive blocks. Returns the filled canvas. Stops early
     only if every position is committed (threshold schedule) or if
     `should_stop()` says the callers have gone.
+
+    The anytime canvas: `on_step(step, canvas)` sees the canvas after each
+    step (a host sync: leave it None when nobody watches). `deadline` (a
+    `time.monotonic()` value) makes the step that would otherwise end past
+    it the last one: it commits every masked position left, so the pass
+    returns whole fields in time, one step at the least.
     """
     canvas = canvas.clone()
     B, N = canvas.shape
@@ -138,22 +146,29 @@ def denoise(predict: Callable[[Tensor, int], Tensor], canvas: Tensor, mask_id: i
     block_of = torch.where(editable, order * opts.blocks // n_edit, -1)
     steps_per_block = opts.steps // opts.blocks
     fields = [field == f for f in field.unique().tolist() if f >= 0]
+    t0 = time.monotonic()
     for step in range(opts.steps):
         if should_stop is not None and should_stop():
             break
         masked = canvas == mask_id
         block = step // steps_per_block
-        candidates = masked & (block_of == block)
+        t = time.monotonic()  # last: this step and one more, at the mean pace, would end past the deadline
+        last = deadline is not None and t + (2 * (t - t0) / step if step else 0.0) >= deadline
+        candidates = masked if last else masked & (block_of == block)
         logits = predict(canvas, step)
         noise = gumbel_noise(tuple(logits.shape), [s + step for s in seeds], logits.device) \
             if opts.temperature > 0 and seeds is not None else None
         tokens, conf = score(logits, opts.confidence, opts.temperature, noise)
-        steps_left = steps_per_block - step % steps_per_block
+        steps_left = 1 if last else steps_per_block - step % steps_per_block
         commit = _commit_mask(conf, candidates, steps_left, opts)
         canvas = torch.where(commit, tokens, canvas)
         if opts.fill_after_end:
             masked = canvas == mask_id
             canvas = torch.where(_fill_after_end(canvas, masked, fields, end_id), end_id, canvas)
+        if on_step is not None:
+            on_step(step, canvas)
+        if last:
+            break
         # The threshold schedule may finish early; the check costs a host sync.
         if opts.schedule == "threshold" and not (canvas == mask_id).any():
             break

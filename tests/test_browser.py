@@ -103,6 +103,8 @@ async def test_page_talks_to_the_real_model(browser, engine_base):
         you = await page.inner_text(".turn .you")
         assert {"library", "saturday"} <= set(words(you)), you
         assert "turn.reply" in s["events"] and s["framesSent"] > 50 and s["micOn"]
+        assert s["canvases"] == server.services.steps  # the draft, step by step, before the reply
+        assert await page.locator(".turn.draft").count() == 0
         reply = await page.inner_text(".turn .reply")
         assert reply  # the reply text, or "(no reply)" for an empty one
         if s["audioChunksReceived"]:

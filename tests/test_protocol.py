@@ -38,6 +38,18 @@ def test_session_start_optional_fields():
                    started=False) == "bad_sample_rate"
 
 
+def test_session_start_canvas_and_deadline():
+    """canvas (a bool) and deadline_ms (1 ms to 60 s) are read and checked; turn.canvas carries the draft."""
+    msg = P.parse_frame('{"type": "session.start", "sample_rate": 16000, "canvas": true, "deadline_ms": 250}',
+                        started=False)
+    assert msg.canvas is True and msg.deadline_ms == 250
+    for bad in ('"canvas": "yes"', '"deadline_ms": 0', '"deadline_ms": 60001', '"deadline_ms": 1.5'):
+        assert code_of('{"type": "session.start", "sample_rate": 16000, %s}' % bad, started=False) == "bad_message"
+    event = json.loads(P.turn_canvas(3, step=2, steps=8, cleaned="What ░░", reply="░░░", masked=5))
+    assert event == {"type": "turn.canvas", "turn_id": 3, "step": 2, "steps": 8, "cleaned": "What ░░",
+                     "reply": "░░░", "masked": 5}
+
+
 @pytest.mark.parametrize("rate", [11025, 0, -16000, 16000.5, "16000", True, None])
 def test_unsupported_sample_rate(rate):
     """Rates outside the list, and non-integers, are refused with the accepted list in the message."""

@@ -63,7 +63,8 @@ class ScriptedEngine:
     async def close(self) -> None:
         pass
 
-    async def respond(self, turn, *, steps=None):
+    async def respond(self, turn, *, steps=None, **options):
+        """`options` (on_canvas, deadline, ...) are accepted and ignored: the reply is fixed."""
         from dllm import TurnResult
         self.calls.append(turn)
         try:

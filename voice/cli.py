@@ -119,7 +119,7 @@ def _setup_logging(args: argparse.Namespace) -> None:
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    for noisy in ("faster_whisper", "websockets", "voice.server.ws"):
+    for noisy in ("faster_whisper", "websockets", "uvicorn", "uvicorn.error"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
 
 

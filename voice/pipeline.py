@@ -119,6 +119,7 @@ class Outbox:
         self._cond = asyncio.Condition()
         self._closed = False
         self.dropped_audio = 0
+        self._wakers: set[asyncio.Task] = set()  # put_nowait's notifications, each over in one loop turn
 
     def __len__(self) -> int:
         return len(self._items)
@@ -129,6 +130,20 @@ class Outbox:
             if self._closed:
                 return
             self._items.append(item)
+            self._cond.notify_all()
+
+    def put_nowait(self, item: str | bytes) -> bool:
+        """Queue without waiting (from a callback); False, and dropped, if full or closed."""
+        if self._closed or len(self._items) >= self.maxsize:
+            return False
+        self._items.append(item)
+        task = asyncio.get_running_loop().create_task(self._wake())  # a waiting get() needs the lock to wake
+        self._wakers.add(task)
+        task.add_done_callback(self._wakers.discard)
+        return True
+
+    async def _wake(self) -> None:
+        async with self._cond:
             self._cond.notify_all()
 
     async def drop_audio(self) -> int:

@@ -10,7 +10,9 @@ for client authors.
 /ws, client to server:
     {"type": "session.start", "sample_rate": 16000}  first; optional fields
         "knowledge" (a facts card), "steps" (denoising steps K),
-        "output_sample_rate" (rate of the reply PCM)
+        "output_sample_rate" (rate of the reply PCM), "canvas" (send each
+        denoising step's canvas as turn.canvas), "deadline_ms" (end the
+        dLLM pass by then)
     binary frames: 16-bit little-endian mono PCM at `sample_rate`
     {"type": "input.end"}         end the utterance now (forced endpoint)
     {"type": "text", "text": ...} a typed turn
@@ -18,7 +20,7 @@ for client authors.
 
 /ws, server to client: text frames session.ready, vad.speech_started,
 vad.speech_stopped, transcript.partial, transcript.final, turn.cleaned,
-turn.reply, audio.start, audio.end, audio.flush, turn.interrupted, turn.done,
+turn.canvas, turn.reply, audio.start, audio.end, audio.flush, turn.interrupted, turn.done,
 error; binary frames of reply PCM (16-bit LE mono at output_sample_rate).
 
 /cleanup: {"id": ..., "text": "..."} in, {"id": ..., "cleaned": "..."} out.
@@ -38,7 +40,7 @@ __all__ = [
     "ErrorCode", "SessionStart", "Audio", "InputEnd", "TextTurn", "Interrupt", "ClientMessage",
     "CleanupRequest", "parse_frame", "parse_json", "parse_cleanup", "request_id", "parse_server_event", "build",
     "session_ready", "speech_started", "speech_stopped", "transcript_partial", "transcript_final",
-    "turn_cleaned", "turn_reply", "audio_start", "audio_end", "audio_flush", "turn_interrupted",
+    "turn_cleaned", "turn_canvas", "turn_reply", "audio_start", "audio_end", "audio_flush", "turn_interrupted",
     "turn_done", "error", "cleanup_result", "cleanup_error", "error_code_for",
 ]
 
@@ -54,6 +56,7 @@ MAX_MESSAGE_BYTES = 1024 * 1024
 MAX_TEXT_CHARS = 2000  # the dLLM turn's own limit on a transcript
 MAX_KNOWLEDGE_CHARS = 16000  # the turn keeps the first 384 tokens anyway
 MAX_STEPS = 64
+MAX_DEADLINE_MS = 60_000
 MAX_ID_CHARS = 200
 
 
@@ -87,6 +90,8 @@ class SessionStart:
     knowledge: str | None = None
     steps: int | None = None  # None: the server's default
     output_sample_rate: int | None = None  # None: the voice's own rate
+    canvas: bool = False  # send turn.canvas events: each denoising step's draft
+    deadline_ms: int | None = None  # end each dLLM pass within this long, with whole fields
 
 
 @dataclass(frozen=True)
@@ -178,7 +183,15 @@ def _session_start(obj: dict) -> SessionStart:
     steps = _int_field(obj, "steps")
     if steps is not None and not 1 <= steps <= MAX_STEPS:
         raise ProtocolError(ErrorCode.BAD_MESSAGE, f"'steps' must be between 1 and {MAX_STEPS}, got {steps}")
-    return SessionStart(sample_rate=rate, knowledge=knowledge, steps=steps, output_sample_rate=out_rate)
+    canvas = obj.get("canvas", False)
+    if not isinstance(canvas, bool):
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, "'canvas' must be true or false")
+    deadline = _int_field(obj, "deadline_ms")
+    if deadline is not None and not 1 <= deadline <= MAX_DEADLINE_MS:
+        raise ProtocolError(ErrorCode.BAD_MESSAGE,
+                            f"'deadline_ms' must be between 1 and {MAX_DEADLINE_MS}, got {deadline}")
+    return SessionStart(sample_rate=rate, knowledge=knowledge, steps=steps, output_sample_rate=out_rate,
+                        canvas=canvas, deadline_ms=deadline)
 
 
 def _text(obj: dict, name: str = "text") -> str:
@@ -310,6 +323,12 @@ def transcript_final(turn_id: int, text: str) -> str:
 
 def turn_cleaned(turn_id: int, text: str) -> str:
     return build("turn.cleaned", turn_id=turn_id, text=text)
+
+
+def turn_canvas(turn_id: int, *, step: int, steps: int, cleaned: str, reply: str, masked: int) -> str:
+    """A draft: the canvas after `step` of `steps` denoising steps; masked positions show as `░`."""
+    return build("turn.canvas", turn_id=turn_id, step=step, steps=steps, cleaned=cleaned, reply=reply,
+                 masked=masked)
 
 
 def turn_reply(turn_id: int, text: str) -> str:

@@ -1,39 +1,56 @@
-"""The WebSocket server: voice sessions, the cleanup service, the page.
+"""The server: one ASGI application (Starlette) under uvicorn.
 
-One `websockets.asyncio.server.serve` listener (127.0.0.1 unless told
-otherwise) answers:
+    /ws                    WebSocket: voice sessions (`voice.session.VoiceSession`)
+    /cleanup               WebSocket: raw transcripts in, cleaned ones out, batched by the engine
+    POST /v1/cleanup       the same over HTTP: {"text"} or {"texts": [...]}
+    POST /v1/chat/completions, GET /v1/models   OpenAI-compatible chat on the dLLM
+    GET /openapi.json      the HTTP API's description
+    GET /metrics           Prometheus metrics (`voice.metrics`)
+    GET /healthz           200 with a small JSON status
+    GET /                  the browser page (web/, shipped inside the package)
 
-    /ws        voice sessions (`voice.session.VoiceSession`)
-    /cleanup   raw transcripts in, cleaned ones out, batched by the engine
-    GET /      the browser page from web/ (and its scripts)
-    GET /healthz  200 with a small JSON status
+Why Starlette under uvicorn: one small ASGI app serves HTTP, server-sent
+events and WebSockets on one port, on the server most Python web services
+run in production, with no framework on top. uvicorn speaks WebSocket
+through websockets' own I/O-free protocol core (`--ws websockets-sansio`,
+the project's existing dependency; uvicorn's older `websockets` option is
+deprecated): it enforces the 1 MiB message limit (close 1009), answers
+pings, and reads the next frame only once the app has taken the last one,
+so a slow session slows its own client down.
 
-The server is a thin shell: frames are parsed and events built by
-`voice.protocol` (pure functions), the pipeline lives in the session, and
-this module only moves bytes between the two, enforces the limits (frame
-size, session count, the time allowed before session.start) and keeps one
-connection's failure away from the others.
+The server stays a thin shell: frames are parsed and events built by
+`voice.protocol`, HTTP bodies by `voice.api` (pure functions), the pipeline
+lives in the session, and this module only moves bytes, enforces the limits
+(frame and body size, session count, the time allowed before session.start)
+and keeps one connection's failure away from the others.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import http
-import json
 import logging
 import mimetypes
 import re
 import signal
+import socket
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Any
 
-from websockets.asyncio.server import Server, ServerConnection, serve
-from websockets.datastructures import Headers
-from websockets.exceptions import ConnectionClosed
-from websockets.http11 import Request, Response
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDisconnected, WebSocketState
 
+from . import api as A
 from . import protocol as P
 from .errors import ProtocolError
+from .metrics import CONTENT_TYPE_LATEST, Metrics
 from .pipeline import cancel_and_wait
 from .services import Services
 from .session import SessionConfig, VoiceSession
@@ -47,8 +64,10 @@ MAX_WEB_FILE = 2 * 1024 * 1024
 
 
 def default_web_dir() -> Path:
-    """web/ beside the voice package (the repository layout)."""
-    return Path(__file__).resolve().parent.parent / "web"
+    """The page's files: voice/web/ in an installed package, else web/ beside the package (a checkout)."""
+    here = Path(__file__).resolve().parent
+    packaged = here / "web"
+    return packaged if (packaged / "index.html").is_file() else here.parent / "web"
 
 
 @dataclass(frozen=True)
@@ -57,12 +76,12 @@ class ServerOptions:
 
     Attributes:
         host, port: where to listen; port 0 picks a free port (see `VoiceServer.port`).
-        web_dir: the page's files; None is the repository's web/.
+        web_dir: the page's files; None is the packaged page (`default_web_dir`).
         max_sessions: concurrent /ws sessions; more are refused with `busy` (close 1013).
         start_timeout_s: time a /ws client has to send a valid session.start.
         max_start_errors: bad messages tolerated before session.start.
         max_cleanup_inflight: /cleanup requests one connection may have running.
-        cleanup_timeout_s: limit on one cleanup request.
+        cleanup_timeout_s: limit on one cleanup request (WebSocket or HTTP) and one chat completion.
         session: defaults for every session (VAD, partials, limits).
     """
 
@@ -75,6 +94,49 @@ class ServerOptions:
     max_cleanup_inflight: int = 32
     cleanup_timeout_s: float = 120.0
     session: SessionConfig = field(default_factory=SessionConfig)
+
+
+class _Gone(Exception):
+    """The WebSocket client went away."""
+
+
+class _Socket:
+    """A Starlette WebSocket read and written as text (str) and binary (bytes) messages."""
+
+    def __init__(self, ws: WebSocket) -> None:
+        self.ws = ws
+
+    async def recv(self) -> str | bytes:
+        msg = await self.ws.receive()
+        if msg["type"] == "websocket.disconnect":
+            raise _Gone
+        return msg["text"] if msg.get("text") is not None else (msg.get("bytes") or b"")
+
+    async def send(self, item: str | bytes) -> None:
+        try:
+            if isinstance(item, str):
+                await self.ws.send_text(item)
+            else:
+                await self.ws.send_bytes(item)
+        except (WebSocketDisconnect, WebSocketDisconnected, OSError) as e:
+            raise _Gone from e
+
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        if self.ws.application_state == WebSocketState.CONNECTED:
+            with contextlib.suppress(WebSocketDisconnect, WebSocketDisconnected, OSError):
+                await self.ws.close(code, reason)
+
+    async def __aiter__(self):
+        while True:
+            yield await self.recv()
+
+
+class _Uvicorn(uvicorn.Server):
+    """uvicorn, minus its signal handling: `VoiceServer.serve_forever` owns SIGINT and SIGTERM."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        yield
 
 
 class VoiceServer:
@@ -93,40 +155,57 @@ class VoiceServer:
         self.options = options
         self.sessions: dict[str, VoiceSession] = {}
         self.cleanup_connections = 0
-        self._server: Server | None = None
+        self.metrics = Metrics(lambda: self.sessions, services.engine)
+        self.app = self._app()
+        self._uvicorn: _Uvicorn | None = None
+        self._serving: asyncio.Task | None = None
+        self._socket: socket.socket | None = None
         self._files: dict[str, tuple[bytes, str]] = {}
+
+    @property
+    def model(self) -> str:
+        """The model's id for /v1/models: the file or directory names in the engine's name, without paths."""
+        name = str(getattr(self.services.engine, "name", "model"))
+        return "+".join(Path(part.split(":", 1)[-1]).name or part for part in name.split("+"))
 
     # ----- lifecycle
 
     async def start(self) -> None:
         self._files = _load_web(self.options.web_dir or default_web_dir())
         await self.services.start()
-        self._server = await serve(
-            self._route, self.options.host, self.options.port,
-            process_request=self._http,
-            max_size=P.MAX_MESSAGE_BYTES,  # past this, websockets closes with 1009
-            max_queue=32,
-            compression=None,  # PCM does not compress; JSON events are small
-            ping_interval=20, ping_timeout=20, close_timeout=5,
-            logger=logging.getLogger("voice.server.ws"),
-        )
-        log.info("listening on http://%s:%d/ (ws: /ws, /cleanup)", self.options.host, self.port)
+        self._socket = socket.create_server((self.options.host, self.options.port))
+        config = uvicorn.Config(
+            self.app, ws="websockets-sansio", lifespan="off", log_config=None, access_log=False,
+            ws_max_size=P.MAX_MESSAGE_BYTES,  # past this, the connection closes with 1009
+            ws_per_message_deflate=False,  # PCM does not compress; JSON events are small
+            ws_ping_interval=20, ws_ping_timeout=20, timeout_graceful_shutdown=5)
+        self._uvicorn = _Uvicorn(config)
+        self._serving = asyncio.create_task(self._uvicorn.serve(sockets=[self._socket]), name="uvicorn")
+        while not self._uvicorn.started:
+            if self._serving.done():  # it failed to start: say why
+                await self._serving
+                raise RuntimeError("the HTTP server stopped while starting")
+            await asyncio.sleep(0.01)
+        log.info("listening on http://%s:%d/ (ws: /ws, /cleanup; http: /v1/...)", self.options.host, self.port)
 
     @property
     def port(self) -> int:
-        assert self._server is not None, "start() first"
-        return self._server.sockets[0].getsockname()[1]
+        assert self._socket is not None, "start() first"
+        return self._socket.getsockname()[1]
 
     @property
     def url(self) -> str:
         return f"ws://{self.options.host}:{self.port}"
 
     async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._server.wait_closed(), timeout=10)
-            self._server = None
+        if self._uvicorn is not None and self._serving is not None:
+            self._uvicorn.should_exit = True
+            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(self._serving, timeout=15)
+            self._uvicorn = self._serving = None
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None
         await self.services.close()
 
     async def serve_forever(self, stop: asyncio.Event | None = None) -> None:
@@ -142,48 +221,174 @@ class VoiceServer:
             log.info("shutting down")
             await self.close()
 
-    # ----- HTTP
+    def _app(self) -> Starlette:
+        return Starlette(routes=[
+            WebSocketRoute("/ws", self._ws(self._voice)),
+            WebSocketRoute("/cleanup", self._ws(self._cleanup)),
+            Route("/ws", self._upgrade_required),
+            Route("/cleanup", self._upgrade_required),
+            Route("/healthz", self._healthz),
+            Route("/metrics", self._metrics),
+            Route("/openapi.json", self._openapi),
+            Route("/v1/models", self._api("models", self._models), methods=["GET"]),
+            Route("/v1/cleanup", self._api("cleanup", self._cleanup_http), methods=["POST"]),
+            Route("/v1/chat/completions", self._api("chat", self._chat), methods=["POST"]),
+            Route("/", self._page),
+            Route("/{name}", self._page),
+        ])
 
-    def _http(self, connection: ServerConnection, request: Request) -> Response | None:
-        path = request.path.split("?", 1)[0]
-        if path in ("/ws", "/cleanup"):
-            if "websocket" in request.headers.get("Upgrade", "").lower():
-                return None
-            return _response(http.HTTPStatus.UPGRADE_REQUIRED,
-                             f"{path} takes WebSocket connections (see docs/protocol.md)\n".encode(), "text/plain")
-        if path == "/healthz":
-            body = json.dumps({"status": "ok", "sessions": len(self.sessions),
-                               "model": getattr(self.services.engine, "name", "model"),
-                               "steps": self.services.steps}).encode()
-            return _response(http.HTTPStatus.OK, body, "application/json")
-        name = "index.html" if path == "/" else path.lstrip("/")
+    # ----- plain HTTP
+
+    async def _page(self, request: Request) -> Response:
+        name = request.path_params.get("name", "index.html")
         if name in self._files:
             body, ctype = self._files[name]
-            return _response(http.HTTPStatus.OK, body, ctype)
-        if path == "/":
-            return _response(http.HTTPStatus.NOT_FOUND, b"the page's files (web/) were not found; "
-                             b"run from the repository or pass --web DIR\n", "text/plain")
-        return _response(http.HTTPStatus.NOT_FOUND, b"not found\n", "text/plain")
+            return Response(body, media_type=ctype, headers={"Cache-Control": "no-cache"})
+        if name == "index.html":
+            return PlainTextResponse("the page's files (web/) were not found; reinstall the package "
+                                     "or pass --web DIR\n", 404)
+        return PlainTextResponse("not found\n", 404)
+
+    async def _upgrade_required(self, request: Request) -> Response:
+        return PlainTextResponse(f"{request.url.path} takes WebSocket connections (see docs/protocol.md)\n", 426,
+                                 headers={"Upgrade": "websocket"})
+
+    async def _healthz(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok", "sessions": len(self.sessions),
+                             "model": getattr(self.services.engine, "name", "model"), "steps": self.services.steps})
+
+    async def _metrics(self, request: Request) -> Response:
+        return Response(self.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def _openapi(self, request: Request) -> Response:
+        return JSONResponse(A.openapi(_version(), self.model))
+
+    # ----- the HTTP API
+
+    def _api(self, route: str, handler: Callable[[Request], Awaitable[Response]]):
+        """An endpoint that answers any failure in OpenAI's error shape and counts it."""
+        async def endpoint(request: Request) -> Response:
+            try:
+                response = await handler(request)
+            except Exception as e:
+                status, code, message = _api_error(e)
+                if status >= 500 and code == "internal":
+                    log.exception("%s failed", route)
+                self.metrics.errors.labels(code).inc()
+                response = JSONResponse(A.error_body(status, message, code=code, param=getattr(e, "param", None)),
+                                        status)
+            self.metrics.http.labels(route, str(response.status_code)).inc()
+            return response
+        return endpoint
+
+    async def _json(self, request: Request) -> dict:
+        """The body as a JSON object, read up to `api.MAX_BODY_BYTES` (413 past it)."""
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > A.MAX_BODY_BYTES:
+            raise A.ApiError(413, f"the body has {length} bytes; at most {A.MAX_BODY_BYTES} are accepted",
+                             code="body_too_large")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > A.MAX_BODY_BYTES:
+                raise A.ApiError(413, f"the body is over {A.MAX_BODY_BYTES} bytes", code="body_too_large")
+        return A.parse_json_body(bytes(body))
+
+    async def _models(self, request: Request) -> Response:
+        return JSONResponse(A.models(self.model))
+
+    async def _cleanup_http(self, request: Request) -> Response:
+        body = A.parse_cleanup_body(await self._json(request))
+        steps, t0 = body.steps or self.services.steps, time.perf_counter()
+        calls = [self.services.engine.cleanup(t, steps=steps) for t in body.texts]
+        results = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True),
+                                         self.options.cleanup_timeout_s)
+        for i, r in enumerate(results):
+            if isinstance(r, BaseException):
+                if not isinstance(r, Exception):
+                    raise r
+                status, code, message = _api_error(r)
+                raise A.ApiError(status, message if body.single else f"texts[{i}]: {message}", code=code) from r
+        ms = (time.perf_counter() - t0) * 1000
+        self.metrics.stage.labels("dllm").observe(ms / 1000)
+        cleaned = [r if isinstance(r, str) else r.cleaned for r in results]
+        if body.single:
+            return JSONResponse({"text": body.texts[0], "cleaned": cleaned[0], "ms": round(ms, 1)})
+        return JSONResponse({"results": [{"text": t, "cleaned": c} for t, c in zip(body.texts, cleaned)],
+                             "ms": round(ms, 1)})
+
+    async def _chat(self, request: Request) -> Response:
+        from dllm import Turn
+
+        req = A.parse_chat(await self._json(request))
+        kw: dict[str, Any] = {k: v for k, v in (("temperature", req.temperature), ("seed", req.seed),
+                                                ("reply_tokens", req.max_tokens)) if v is not None}
+        if req.deadline_ms:
+            kw["deadline"] = time.monotonic() + req.deadline_ms / 1000
+        canvases: asyncio.Queue = asyncio.Queue()  # at most K items: one per step
+        if req.canvas:
+            kw["on_canvas"] = canvases.put_nowait
+        turn = Turn(req.transcript, history=req.history, knowledge=req.knowledge)
+        cid, t0 = A.new_id(), time.perf_counter()
+
+        async def respond():
+            async with asyncio.timeout(self.options.cleanup_timeout_s):  # no inner task: see below
+                result = await self.services.engine.respond(turn, steps=req.steps or self.services.steps, **kw)
+            self.metrics.stage.labels("dllm").observe(time.perf_counter() - t0)
+            return result
+
+        if not req.stream:
+            result = await respond()
+            seen = [canvases.get_nowait() for _ in range(canvases.qsize())] if req.canvas else None
+            return JSONResponse(A.chat_completion(cid, self.model, result, canvases=seen))
+        task = asyncio.create_task(respond(), name=f"chat-{cid}")
+        task.add_done_callback(lambda _: canvases.put_nowait(None))
+        # One turn of the loop runs the request up to the engine's queue: a bad turn
+        # or a full queue fails here, and is answered with a status, not a broken stream.
+        await asyncio.sleep(0)
+        if task.done() and task.exception() is not None:
+            raise task.exception()
+        return StreamingResponse(self._chat_events(task, canvases, cid), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+
+    async def _chat_events(self, task: asyncio.Task, canvases: asyncio.Queue, cid: str):
+        """The SSE stream: the role, each canvas (when asked), the reply in word deltas, the end, [DONE]."""
+        created = int(time.time())
+        try:
+            yield A.sse(A.chat_chunk(cid, self.model, created, delta={"role": "assistant", "content": ""}))
+            while (snap := await canvases.get()) is not None:
+                yield A.sse(A.chat_chunk(cid, self.model, created, canvas=snap))
+            try:
+                result = task.result()
+            except Exception as e:  # the status line is gone: the error travels in the stream
+                status, code, message = _api_error(e)
+                self.metrics.errors.labels(code).inc()
+                yield A.sse(A.error_body(status, message, code=code))
+                return
+            for piece in A.reply_deltas(result.reply):
+                yield A.sse(A.chat_chunk(cid, self.model, created, delta={"content": piece}))
+            yield A.sse(A.chat_chunk(cid, self.model, created, finish="stop"))
+            yield A.sse("[DONE]")
+        finally:  # the client left early: the request leaves its batch
+            await cancel_and_wait([task], 2.0)
 
     # ----- WebSocket routes
 
-    async def _route(self, ws: ServerConnection) -> None:
-        path = ws.request.path.split("?", 1)[0] if ws.request else ""
-        try:
-            if path == "/ws":
-                await self._voice(ws)
-            elif path == "/cleanup":
-                await self._cleanup(ws)
-            else:
-                await ws.close(1008, "unknown path")
-        except ConnectionClosed:
-            pass
-        except Exception:  # one connection's bug must not reach the others
-            log.exception("connection to %s failed", path)
-            with contextlib.suppress(Exception):
-                await ws.close(1011, "internal error")
+    def _ws(self, handler: Callable[[_Socket], Awaitable[None]]):
+        async def endpoint(websocket: WebSocket) -> None:
+            await websocket.accept()
+            sock = _Socket(websocket)
+            try:
+                await handler(sock)
+            except _Gone:
+                pass
+            except Exception:  # one connection's bug must not reach the others
+                log.exception("connection to %s failed", websocket.url.path)
+                await sock.close(1011, "internal error")
+            await sock.close()
+        return endpoint
 
-    async def _await_start(self, ws: ServerConnection) -> P.SessionStart | None:
+    async def _await_start(self, ws: _Socket) -> P.SessionStart | None:
         """Read frames until a valid session.start; None if the client gave up or ran out of chances."""
         errors = 0
         try:
@@ -194,6 +399,7 @@ class VoiceServer:
                         msg = P.parse_frame(data, started=False)
                     except ProtocolError as e:
                         errors += 1
+                        self.metrics.errors.labels(e.code).inc()
                         await ws.send(P.error(e.code, e.message))
                         if errors >= self.options.max_start_errors:
                             await ws.close(1008, "too many bad messages before session.start")
@@ -202,13 +408,15 @@ class VoiceServer:
                     assert isinstance(msg, P.SessionStart)
                     return msg
         except TimeoutError:
+            self.metrics.errors.labels(P.ErrorCode.NOT_STARTED).inc()
             await ws.send(P.error(P.ErrorCode.NOT_STARTED,
                                   f"no valid session.start within {self.options.start_timeout_s:g} s; closing"))
             await ws.close(1008, "no session.start")
             return None
 
-    async def _voice(self, ws: ServerConnection) -> None:
+    async def _voice(self, ws: _Socket) -> None:
         if len(self.sessions) >= self.options.max_sessions:
+            self.metrics.errors.labels(P.ErrorCode.BUSY).inc()
             await ws.send(P.error(P.ErrorCode.BUSY, f"the server is at its limit of {self.options.max_sessions} "
                                   "sessions; try again later"))
             await ws.close(1013, "too many sessions")
@@ -218,6 +426,7 @@ class VoiceServer:
             return
         session = VoiceSession(self.services, SessionConfig.from_start(start, self.options.session))
         self.sessions[session.id] = session
+        self.metrics.sessions_opened.inc()
         log.info("session %s started (%d Hz in, %d Hz out)", session.id, start.sample_rate, session.output_rate)
         reader = sender = None
         try:
@@ -233,7 +442,7 @@ class VoiceServer:
             self.sessions.pop(session.id, None)
             log.info("session %s ended", session.id)
 
-    async def _read_frames(self, ws: ServerConnection, session: VoiceSession) -> None:
+    async def _read_frames(self, ws: _Socket, session: VoiceSession) -> None:
         async for data in ws:
             try:
                 msg = P.parse_frame(data, started=True)
@@ -242,11 +451,13 @@ class VoiceServer:
                 continue
             await session.feed(msg)
 
-    async def _send_events(self, ws: ServerConnection, session: VoiceSession) -> None:
+    async def _send_events(self, ws: _Socket, session: VoiceSession) -> None:
         async for item in session.events():
+            if isinstance(item, str):
+                self.metrics.observe_event(item)
             await ws.send(item)
 
-    async def _cleanup(self, ws: ServerConnection) -> None:
+    async def _cleanup(self, ws: _Socket) -> None:
         """The cleanup service: requests run concurrently so the engine batches them."""
         self.cleanup_connections += 1
         out: asyncio.Queue[str] = asyncio.Queue(maxsize=2 * self.options.max_cleanup_inflight)
@@ -258,19 +469,22 @@ class VoiceServer:
                 await ws.send(await out.get())
 
         async def clean(req: P.CleanupRequest) -> None:
-            t0 = asyncio.get_running_loop().time()
+            t0 = time.perf_counter()
             try:
                 res = await asyncio.wait_for(self.services.engine.cleanup(req.text, steps=self.services.steps),
                                              self.options.cleanup_timeout_s)
                 cleaned = res if isinstance(res, str) else res.cleaned
-                ms = (asyncio.get_running_loop().time() - t0) * 1000
+                ms = (time.perf_counter() - t0) * 1000
+                self.metrics.stage.labels("dllm").observe(ms / 1000)
                 await out.put(P.cleanup_result(req.id, req.text, cleaned, ms=ms))
             except asyncio.TimeoutError:
+                self.metrics.errors.labels(P.ErrorCode.LLM_FAILED).inc()
                 await out.put(P.cleanup_error(req.id, P.ErrorCode.LLM_FAILED, "the cleanup timed out"))
             except Exception as e:
                 code = P.error_code_for(e)
                 if code == P.ErrorCode.INTERNAL:
                     log.exception("cleanup failed")
+                self.metrics.errors.labels(code).inc()
                 await out.put(P.cleanup_error(req.id, code, str(e) if code != P.ErrorCode.INTERNAL
                                               else f"internal error ({type(e).__name__})"))
             finally:
@@ -283,6 +497,7 @@ class VoiceServer:
                     req = P.parse_cleanup(data)
                 except ProtocolError as e:
                     rid = P.request_id(data) if isinstance(data, str) else None
+                    self.metrics.errors.labels(e.code).inc()
                     await out.put(P.cleanup_error(rid, e.code, e.message))
                     continue
                 await slots.acquire()
@@ -296,12 +511,23 @@ class VoiceServer:
             self.cleanup_connections -= 1
 
 
-def _response(status: http.HTTPStatus, body: bytes, ctype: str) -> Response:
-    if ctype.startswith("text/") or ctype in ("application/javascript", "application/json"):
-        ctype += "; charset=utf-8"
-    headers = Headers([("Content-Type", ctype), ("Content-Length", str(len(body))),
-                       ("Cache-Control", "no-cache"), ("Connection", "close")])
-    return Response(status.value, status.phrase, headers, body)
+def _api_error(exc: BaseException) -> tuple[int, str, str]:
+    """(HTTP status, error code, message) for a failed HTTP API request."""
+    if isinstance(exc, A.ApiError):
+        return exc.status, exc.code, exc.message
+    if isinstance(exc, asyncio.TimeoutError):
+        return 504, P.ErrorCode.LLM_FAILED, "the model did not answer in time"
+    code = P.error_code_for(exc)
+    status = {P.ErrorCode.BUSY: 503, P.ErrorCode.BAD_TURN: 400, P.ErrorCode.LLM_FAILED: 500}.get(code, 500)
+    message = str(exc) if code != P.ErrorCode.INTERNAL else f"internal error ({type(exc).__name__})"
+    return status, code, message
+
+
+def _version() -> str:
+    try:
+        return version("voice")
+    except PackageNotFoundError:
+        return "0"
 
 
 def _load_web(directory: Path) -> dict[str, tuple[bytes, str]]:
@@ -315,6 +541,8 @@ def _load_web(directory: Path) -> dict[str, tuple[bytes, str]]:
                 and path.stat().st_size <= MAX_WEB_FILE):
             ctype = {".js": "application/javascript", ".html": "text/html", ".css": "text/css",
                      ".json": "application/json"}.get(path.suffix) or mimetypes.guess_type(path.name)[0] or "text/plain"
+            if ctype.startswith("text/") or ctype in ("application/javascript", "application/json"):
+                ctype += "; charset=utf-8"
             files[path.name] = (path.read_bytes(), ctype)
     return files
 
@@ -325,4 +553,3 @@ async def run_server(services: Services, options: ServerOptions, stop: asyncio.E
     await server.start()
     print(f"voice: serving on http://{options.host}:{server.port}/  (Ctrl-C to stop)", flush=True)
     await server.serve_forever(stop)
-

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator
@@ -65,6 +66,9 @@ class SessionConfig:
         output_sample_rate: rate of the reply PCM; None keeps the voice's rate.
         knowledge: a facts card for the dLLM prompt (the kiosk's venue facts).
         steps: denoising steps K; None uses the server's default.
+        canvas: send each denoising step's canvas (`turn.canvas` events).
+        deadline_ms: end each dLLM pass within this long of its start (queueing
+            included), the remaining positions filled in one last step; None: no limit.
         vad: endpointing (`asr.VADOptions`): hang-over, minimum speech,
             maximum utterance, pre-roll; None is its defaults at 16 kHz.
         partial_every_ms: audio between partial transcripts; 0 turns them off.
@@ -82,6 +86,8 @@ class SessionConfig:
     output_sample_rate: int | None = None
     knowledge: str | None = None
     steps: int | None = None
+    canvas: bool = False
+    deadline_ms: int | None = None
     vad: object | None = None
     partial_every_ms: int = 700
     min_partial_ms: int = 500
@@ -109,7 +115,8 @@ class SessionConfig:
         return replace(base, input_sample_rate=start.sample_rate,
                        output_sample_rate=start.output_sample_rate or base.output_sample_rate,
                        knowledge=start.knowledge if start.knowledge is not None else base.knowledge,
-                       steps=start.steps or base.steps)
+                       steps=start.steps or base.steps, canvas=start.canvas or base.canvas,
+                       deadline_ms=start.deadline_ms or base.deadline_ms)
 
 
 def _ms(t0: float, t1: float | None = None) -> float:
@@ -293,8 +300,16 @@ class TurnStage(Stage):
             return
         record, cfg, t0 = frame.turn, self.s.config, now()
         turn = self._Turn(frame.text, history=self.s.conversation.history(before=record), knowledge=cfg.knowledge)
+        kw: dict = {}
+        if cfg.canvas:  # called on the loop by the engine, once per step
+            kw["on_canvas"] = lambda c: record.interrupted_at is None and self.s.outbox.put_nowait(
+                P.turn_canvas(record.turn_id, step=c.step, steps=c.steps, cleaned=c.cleaned, reply=c.reply,
+                              masked=c.masked))
+        if cfg.deadline_ms:
+            kw["deadline"] = time.monotonic() + cfg.deadline_ms / 1000
         # Cancelling this await (an interrupt) withdraws the request from the engine's batch.
-        result = await asyncio.wait_for(self.s.services.engine.respond(turn, steps=self.s.steps), cfg.turn_timeout_s)
+        result = await asyncio.wait_for(self.s.services.engine.respond(turn, steps=self.s.steps, **kw),
+                                        cfg.turn_timeout_s)
         record.timings["llm_ms"] = _ms(t0)
         record.timings["llm_model_ms"] = float(result.ms)
         record.cleaned, record.reply = result.cleaned, result.reply

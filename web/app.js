@@ -6,6 +6,8 @@
 // Reply PCM arrives as binary frames after audio.start; each is scheduled
 // back to back in a second AudioContext at the device's own rate. On
 // audio.flush (barge-in) or the Stop button, everything scheduled stops.
+// The session asks for the anytime canvas: each denoising step's draft
+// (turn.canvas, masked positions as ░) is shown greyed until turn.reply.
 //
 // window.voiceStats exposes counters for tests and curious users.
 
@@ -22,7 +24,7 @@
     connected: false, ready: false, micOn: false, sessionId: null,
     framesSent: 0, bytesSent: 0,
     audioChunksReceived: 0, audioChunksScheduled: 0, audioChunksPlayed: 0, audioFlushes: 0,
-    partials: 0, turnsDone: 0, errors: [], events: [], lastTurn: null,
+    partials: 0, canvases: 0, turnsDone: 0, errors: [], events: [], lastTurn: null,
   };
 
   let ws = null;
@@ -147,10 +149,20 @@
         ui.live.textContent = '';
         card(ev.turn_id).you.textContent = ev.text || '(nothing understood)';
         break;
+      case 'turn.canvas': {  // a draft, step by step, like a photograph developing
+        stats.canvases++;
+        const c = card(ev.turn_id);
+        c.el.classList.add('draft');
+        c.cleaned.textContent = ev.cleaned;
+        c.reply.textContent = ev.reply;
+        c.latency.textContent = `step ${ev.step} of ${ev.steps}`;
+        break;
+      }
       case 'turn.cleaned':
         card(ev.turn_id).cleaned.textContent = ev.text;
         break;
       case 'turn.reply':
+        card(ev.turn_id).el.classList.remove('draft');
         card(ev.turn_id).reply.textContent = ev.text || '(no reply)';
         break;
       case 'audio.start':
@@ -192,7 +204,7 @@
           setStatus(`microphone unavailable: ${e.message || e}`, true);
           stats.errors.push('mic');
         }
-        const start = { type: 'session.start', sample_rate: mic ? mic.ctx.sampleRate : 16000 };
+        const start = { type: 'session.start', sample_rate: mic ? mic.ctx.sampleRate : 16000, canvas: true };
         const knowledge = ui.knowledge.value.trim();
         if (knowledge) start.knowledge = knowledge;
         ws.send(JSON.stringify(start));

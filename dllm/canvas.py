@@ -1,0 +1,57 @@
+"""The anytime canvas: a readable snapshot of a canvas part way through denoising.
+
+A masked diffusion LM holds a whole draft at every step: some positions
+committed, the rest still masks. `canvas_step` renders one such canvas as
+the two fields of the voice turn, each masked position shown as `MASK_TEXT`,
+so a client can show the reply developing step by step. A field ends at its
+first end token, as in `dllm.turn.decode_field`; once nothing is masked the
+rendering equals the decoded result.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .tokenizer import Tokenizer
+from .turn import Encoded
+
+__all__ = ["MASK_TEXT", "CanvasStep", "canvas_step", "render_field"]
+
+MASK_TEXT = "░"  # one per masked position (a token, not a character)
+
+
+@dataclass(frozen=True)
+class CanvasStep:
+    """One step's canvas: `step` steps of `steps` done, `masked` positions still open."""
+
+    step: int
+    steps: int
+    cleaned: str
+    reply: str
+    masked: int
+
+
+def render_field(ids: list[int], fields: list[int], which: int, tok: Tokenizer, mask_id: int) -> str:
+    """The text of field `which`, masks shown as `MASK_TEXT`, up to its first end token."""
+    parts: list[str] = []
+    run: list[int] = []
+    for t, f in zip(ids, fields):
+        if f != which:
+            continue
+        if t == tok.end_id or t == tok.eos_id:
+            break
+        if t == mask_id:
+            parts.append(tok.decode(run))
+            parts.append(MASK_TEXT)
+            run = []
+        else:
+            run.append(t)
+    parts.append(tok.decode(run))
+    return "".join(parts).strip()
+
+
+def canvas_step(ids: list[int], enc: Encoded, step: int, steps: int, tok: Tokenizer, mask_id: int) -> CanvasStep:
+    """Render one request's canvas after `step` (0-based) of `steps`."""
+    masked = sum(1 for t, f in zip(ids, enc.field) if f >= 0 and t == mask_id)
+    reply = render_field(ids, enc.field, 1, tok, mask_id) if enc.with_reply else ""
+    return CanvasStep(step=step + 1, steps=steps, cleaned=render_field(ids, enc.field, 0, tok, mask_id),
+                      reply=reply, masked=masked)

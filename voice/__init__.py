@@ -6,7 +6,7 @@ This package wires `asr` (VAD, Whisper), `dllm` (the diffusion LM turn) and
     from voice import Services, VoiceServer, ServerOptions
     services = Services.load()                       # the packaged models (seconds)
     server = VoiceServer(services, ServerOptions(port=8765))
-    await server.start()                             # /ws, /cleanup, GET /, /healthz
+    await server.start()                             # /ws, /cleanup, /v1/..., /metrics, GET /
 
 Entry points: `voice serve | kiosk | respond | cleanup` (`voice.cli`), and
 `python -m voice.bench`. The wire protocol is `voice.protocol` and

@@ -81,10 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add = lambda name, help: sub.add_parser(name, help=help, parents=[common])  # noqa: E731
 
-    p = add("serve", "the WebSocket server and browser page")
+    p = add("serve", "the server: browser page, WebSocket and HTTP API, metrics")
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8765, help="port (default: 8765; 0 picks a free one)")
-    p.add_argument("--web", metavar="DIR", help="the page's files (default: the repository's web/)")
+    p.add_argument("--web", metavar="DIR", help="the page's files (default: the packaged page)")
     p.add_argument("--max-sessions", type=int, default=32, help="concurrent voice sessions (default: 32)")
     _add_model_options(p)
     _add_session_options(p)

@@ -64,7 +64,9 @@ class ModelOptions:
 class Services:
     """Loaded models. `transcriber` or `synthesizer` may be None (text-only use)."""
 
-    engine: Any  # dllm.Engine, or anything with async respond(turn, steps=) and cleanup(text, steps=)
+    # dllm.Engine, or anything with async respond(turn, steps=) and cleanup(text, steps=); respond also
+    # gets on_canvas= and deadline= when a session asks, and temperature=, seed=, reply_tokens= from the chat API.
+    engine: Any
     transcriber: Any | None = None  # asr.Transcriber
     synthesizer: Any | None = None  # tts.Synthesizer
     steps: int = 8

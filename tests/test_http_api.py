@@ -138,6 +138,28 @@ async def test_openai_client_streaming(server):
     await client.close()
 
 
+async def test_a_client_that_leaves_a_stream_early(server):
+    """A streaming client gone after the first chunk leaves no request behind; the next chat is answered."""
+    engine = server.services.engine
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    body = json.dumps({"stream": True, "steps": 64, "canvas": True,
+                       "messages": [{"role": "user", "content": "a long pass"}]}).encode()
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    await writer.drain()
+    assert b"200" in await asyncio.wait_for(reader.readline(), 30)
+    await asyncio.wait_for(reader.readuntil(b"data: "), 30)
+    writer.transport.abort()
+    for _ in range(100):  # the request's task is cancelled or done, not left running
+        if not [t for t in asyncio.all_tasks() if t.get_name().startswith("chat-")]:
+            break
+        await asyncio.sleep(0.05)
+    assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("chat-")]
+    assert engine.waiting == 0
+    status, out = await post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})
+    assert status == 200 and out["choices"][0]["message"]["role"] == "assistant"
+
+
 async def test_chat_canvas_and_deadline_without_streaming(server):
     """canvas: true returns every step's canvas; a 1 ms deadline still returns whole fields, in fewer steps."""
     body = {"messages": [{"role": "user", "content": "tell me a joke"}], "steps": 16, "canvas": True}

@@ -115,6 +115,10 @@ async def test_spoken_utterance_end_to_end(real):
     else:
         assert "audio.start" not in types and client.audio_bytes == 0
         assert done["voice_to_voice_ms"] is None
+    # /metrics counted the spoken turn's stages.
+    _, _, body = await asyncio.to_thread(http_get, f"http://127.0.0.1:{real.port}/metrics")
+    for stage in ["endpoint", "asr", "dllm"] + (["tts_first_audio", "voice_to_voice"] if reply else []):
+        assert f'voice_stage_seconds_count{{stage="{stage}"}} ' in body.decode(), stage
 
 
 async def test_typed_turn_after_a_client_vanished_mid_reply(real):

@@ -376,10 +376,12 @@ class VoiceServer:
 
     def _ws(self, handler: Callable[[_Socket], Awaitable[None]]):
         async def endpoint(websocket: WebSocket) -> None:
-            await websocket.accept()
             sock = _Socket(websocket)
             try:
+                await websocket.accept()
                 await handler(sock)
+            except (WebSocketDisconnect, WebSocketDisconnected, OSError):  # gone before the handshake ended
+                return
             except _Gone:
                 pass
             except Exception:  # one connection's bug must not reach the others

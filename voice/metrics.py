@@ -88,8 +88,11 @@ class Metrics:
         head = event[:32]
         if '"turn.done"' not in head and '"error"' not in head and '"turn.interrupted"' not in head:
             return
-        obj = json.loads(event)
-        kind = obj.get("type")
+        try:  # metrics never break a session
+            obj = json.loads(event)
+        except ValueError:
+            return
+        kind = obj.get("type") if isinstance(obj, dict) else None
         if kind == "error":
             self.errors.labels(str(obj.get("code"))).inc()
         elif kind == "turn.interrupted":

@@ -104,7 +104,7 @@ async def test_openapi_describes_the_api(server):
 # ----- OpenAI-compatible chat, through the official client
 
 async def test_openai_client_chat_completion(server):
-    """The openai client gets the engine's own reply to the same turn (system: card, pairs: history, max_tokens: canvas)."""
+    """The openai client gets the engine's own reply to one turn (system: card, pairs: history, max_tokens: canvas)."""
     client = openai_client(server)
     messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "hi"},
                 {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "um when does the pool open"}]
@@ -197,7 +197,7 @@ async def test_chat_bad_requests(server):
 # ----- the anytime canvas on /ws, and the metrics
 
 async def test_ws_session_canvas_events(server):
-    """canvas: true gives K turn.canvas events a turn, masks shrinking, the last equal to turn.cleaned and turn.reply."""
+    """canvas: true gives K turn.canvas events a turn, masks shrinking, the last equal to turn.cleaned, turn.reply."""
     client = await Client.open(server.url + "/ws", canvas=True, steps=8)
     await client.until("session.ready", 20)
     await client.send_json(type="text", text="um what time is it")

@@ -21,15 +21,28 @@ from .turn import Turn, TurnLayout, TurnResult
 
 __all__ = [
     "Engine", "EngineOptions", "SamplerOptions", "Turn", "TurnLayout", "TurnResult", "ChatFormat",
-    "DLLMError", "CheckpointError", "RequestError", "EngineBusy", "EngineClosed", "load_engine",
+    "DLLMError", "CheckpointError", "RequestError", "EngineBusy", "EngineClosed", "load_engine", "default_dtype",
 ]
 
 log = logging.getLogger(__name__)
 
 
+def fast_bf16(device: str = "cpu") -> bool:
+    """Whether bf16 matmuls are fast on `device`: on GPUs, and on CPUs with
+    AVX512-BF16 or AMX. Elsewhere (an AVX2-only CPU) PyTorch emulates them:
+    measured about 50x slower than float32 on such a machine."""
+    if device.startswith("cuda"):
+        return True
+    cpu = getattr(torch, "cpu", None)
+    try:
+        return bool(cpu._is_avx512_bf16_supported() or cpu._is_amx_tile_supported())
+    except AttributeError:  # an older PyTorch without these probes: assume the slow path
+        return False
+
+
 def default_dtype(device: str) -> torch.dtype:
-    # bf16 matmuls run about 3x faster than float32 on the CPUs we target, and natively on GPUs.
-    return torch.bfloat16
+    """bf16 where it is fast (about 3x float32 on CPUs with bf16 units), float32 elsewhere."""
+    return torch.bfloat16 if fast_bf16(device) else torch.float32
 
 
 def load_engine(model: str | Path | None = None, *, device: str = "cpu", dtype: torch.dtype | None = None,

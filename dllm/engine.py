@@ -89,6 +89,7 @@ class Engine:
                                "(use cache='approx' or 'none')")
         self.cache_mode = cache
         self.forward_calls = 0  # model calls made by the sampler, for tests and benchmarks
+        self._repeat_ok_cache: Tensor | None = None
         self._pending: deque[_Pending] = deque()
         self._wake = asyncio.Event()
         self._worker: asyncio.Task | None = None
@@ -126,9 +127,24 @@ class Engine:
         key_valid = torch.cat([valid, torch.ones_like(canvas, dtype=torch.bool)], dim=1)
         predict = self._predictor(prompt, valid, p_pos, c_pos, key_valid, cache, sampler)
         seeds = seeds or [self.options.seed] * len(batch)
+        clean_vocab = None
+        if sampler.copy_clean and all(e.clean_vocab for e in batch):
+            clean_vocab = torch.zeros(len(batch), self.cfg.vocab_size, dtype=torch.bool, device=dev)  # (B, V)
+            for i, e in enumerate(batch):
+                clean_vocab[i, e.clean_vocab] = True
         out = denoise(predict, canvas, self.cfg.mask_id, field, self.tok.end_id, sampler,
-                      seeds=seeds, should_stop=should_stop, on_step=on_step, deadline=deadline)
+                      seeds=seeds, should_stop=should_stop, on_step=on_step, deadline=deadline,
+                      clean_vocab=clean_vocab, repeat_ok=self._repeat_ok())
         return out.tolist()
+
+    def _repeat_ok(self) -> Tensor:
+        """(V,) tokens that may stand twice side by side: digits ("511") and the end tokens."""
+        if self._repeat_ok_cache is None:
+            ok = torch.zeros(self.cfg.vocab_size, dtype=torch.bool, device=self.device)
+            ids = {self.tok.end_id, self.tok.eos_id} | {i for d in range(10) for i in self.tok.encode(str(d))}
+            ok[sorted(i for i in ids if 0 <= i < self.cfg.vocab_size)] = True
+            self._repeat_ok_cache = ok
+        return self._repeat_ok_cache
 
     def _predictor(self, prompt: Tensor, valid: Tensor, p_pos: Tensor, c_pos: Tensor, key_valid: Tensor,
                    cache: str, sampler: SamplerOptions) -> Callable[[Tensor, int], Tensor]:

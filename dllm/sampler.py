@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .errors import RequestError
@@ -41,6 +42,10 @@ class SamplerOptions:
     temperature: float = 0.0  # 0: greedy; >0: Gumbel-max sampling, seeded per request
     blocks: int = 1  # semi-autoregressive blocks (1: the whole canvas at once)
     fill_after_end: bool = True  # once a field commits its end token, pad the rest of it
+    # Guards against the failure modes of few-step decoding (each measured on and off in dllm.eval):
+    copy_clean: bool = True  # the cleaned field only uses tokens of the raw transcript's words (+ case, punctuation, digits)
+    no_repeat: bool = True  # never the same token twice side by side (digits and end tokens excepted)
+    end_confidence: float = 0.9  # an end token below this confidence is committed last, not first (0: off)
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -109,6 +114,58 @@ def _commit_mask(conf: Tensor, candidates: Tensor, steps_left: int, opts: Sample
     return (rank < quota) & candidates
 
 
+def _guard_logits(logits: Tensor, canvas: Tensor, field: Tensor, mask_id: int, opts: SamplerOptions,
+                  clean_vocab: Tensor | None, repeat_ok: Tensor | None) -> Tensor:
+    """Rule out, per position, the tokens the guards forbid (logits -inf). The mask token is never a prediction."""
+    logits = logits.clone()  # (B, N, V)
+    if opts.copy_clean and clean_vocab is not None:
+        logits.masked_fill_(~clean_vocab[:, None, :] & (field == 0)[None, :, None], float("-inf"))
+    if opts.no_repeat:
+        masked = canvas == mask_id
+        for neighbour in (F.pad(canvas[:, :-1], (1, 0), value=mask_id), F.pad(canvas[:, 1:], (0, 1), value=mask_id)):
+            banned = neighbour if repeat_ok is None else torch.where(repeat_ok[neighbour], mask_id, neighbour)
+            logits.scatter_(-1, torch.where(masked, banned, mask_id)[..., None], float("-inf"))
+    logits[..., mask_id] = float("-inf")
+    return logits
+
+
+def _guard_confidence(conf: Tensor, tokens: Tensor, candidates: Tensor, end_id: int, opts: SamplerOptions,
+                      repeat_ok: Tensor | None) -> Tensor:
+    """Demote (rank last, not forbid) unsure end tokens and the weaker of two equal neighbours."""
+    low = torch.zeros_like(candidates)
+    if opts.end_confidence > 0:
+        low |= (tokens == end_id) & (conf < opts.end_confidence)
+    if opts.no_repeat:
+        same = (tokens[:, 1:] == tokens[:, :-1]) & candidates[:, 1:] & candidates[:, :-1]  # (B, N-1): j-1 and j
+        if repeat_ok is not None:
+            same &= ~repeat_ok[tokens[:, 1:]]
+        right_weaker = conf[:, 1:] <= conf[:, :-1]
+        low[:, 1:] |= same & right_weaker
+        low[:, :-1] |= same & ~right_weaker
+    return torch.where(low, conf - 100.0, conf)  # below any undemoted one: prob and margin lie in [0, 1], -entropy above -11
+
+
+def _split_repeats(tokens: Tensor, canvas: Tensor, commit: Tensor, logits: Tensor, mask_id: int,
+                   repeat_ok: Tensor | None) -> Tensor:
+    """Where this step would leave one token twice side by side, every second position of the run takes its
+    best choice that differs from both neighbours (of its top three). Two vectorised rounds, no host sync."""
+    top = logits.topk(3, dim=-1).indices  # (B, N, 3)
+    idx = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+    for _ in range(2):
+        after = torch.where(commit, tokens, canvas)  # the canvas as this step would leave it
+        same = F.pad(after[:, 1:] == after[:, :-1], (1, 0)) & commit & (after != mask_id)
+        if repeat_ok is not None:
+            same &= ~repeat_ok[after]
+        run_start = torch.where(same, 0, idx).cummax(-1).values
+        swap = same & ((idx - run_start) % 2 == 1)
+        left = F.pad(after[:, :-1], (1, 0), value=mask_id)
+        right = F.pad(after[:, 1:], (0, 1), value=mask_id)
+        fits = (top != left[..., None]) & (top != right[..., None])  # (B, N, 3)
+        pick = torch.where(fits.any(-1), fits.int().argmax(-1), 0)
+        tokens = torch.where(swap, top.gather(-1, pick[..., None]).squeeze(-1), tokens)
+    return tokens
+
+
 def _fill_after_end(canvas: Tensor, masked: Tensor, fields: list[Tensor], end_id: int) -> Tensor:
     """Mark masked positions that follow a committed end token in their field."""
     fill = torch.zeros_like(masked)
@@ -121,7 +178,8 @@ def _fill_after_end(canvas: Tensor, masked: Tensor, fields: list[Tensor], end_id
 def denoise(predict: Callable[[Tensor, int], Tensor], canvas: Tensor, mask_id: int, field: Tensor,
             end_id: int, opts: SamplerOptions, *, seeds: list[int] | None = None,
             should_stop: Callable[[], bool] | None = None,
-            on_step: Callable[[int, Tensor], None] | None = None, deadline: float | None = None) -> Tensor:
+            on_step: Callable[[int, Tensor], None] | None = None, deadline: float | None = None,
+            clean_vocab: Tensor | None = None, repeat_ok: Tensor | None = None) -> Tensor:
     """Fill every `mask_id` position of `canvas` (B, N) in `opts.steps` calls.
 
     `predict(canvas, step)` returns logits (B, N, V) for every canvas position
@@ -130,6 +188,13 @@ def denoise(predict: Callable[[Tensor, int], Tensor], canvas: Tensor, mask_id: i
     the semi-autoregressive blocks. Returns the filled canvas. Stops early
     only if every position is committed (threshold schedule) or if
     `should_stop()` says the callers have gone.
+
+    Guards (each switched by `opts`): with `clean_vocab` (B, V) bool, field 0
+    (the cleaned transcript) may only take each row's allowed tokens; with
+    `no_repeat`, a position never takes the token of a committed neighbour,
+    and of two neighbours that would commit the same token in one step the
+    less confident waits (tokens where `repeat_ok` (V,) is true are exempt);
+    with `end_confidence`, unsure end tokens rank below every other choice.
 
     The anytime canvas: `on_step(step, canvas)` sees the canvas after each
     step (a host sync: leave it None when nobody watches). `deadline` (a
@@ -158,9 +223,13 @@ def denoise(predict: Callable[[Tensor, int], Tensor], canvas: Tensor, mask_id: i
         logits = predict(canvas, step)
         noise = gumbel_noise(tuple(logits.shape), [s + step for s in seeds], logits.device) \
             if opts.temperature > 0 and seeds is not None else None
+        logits = _guard_logits(logits, canvas, field, mask_id, opts, clean_vocab, repeat_ok)
         tokens, conf = score(logits, opts.confidence, opts.temperature, noise)
+        conf = _guard_confidence(conf, tokens, candidates, end_id, opts, repeat_ok)
         steps_left = 1 if last else steps_per_block - step % steps_per_block
         commit = _commit_mask(conf, candidates, steps_left, opts)
+        if opts.no_repeat:  # two equal neighbours still committed together: the weaker takes its next choice
+            tokens = _split_repeats(tokens, canvas, commit, logits, mask_id, repeat_ok)
         canvas = torch.where(commit, tokens, canvas)
         if opts.fill_after_end:
             masked = canvas == mask_id

@@ -21,20 +21,16 @@ from .chat import ChatFormat
 from .errors import RequestError
 from .tokenizer import Tokenizer
 
-INSTRUCTION = (
-    "You are a voice assistant. First rewrite the user's speech transcript cleanly: drop fillers, "
-    "repeated words and anything the speaker took back, and fix case and punctuation. "
-    "Then reply in one to three short spoken sentences."
-)
-CLEANUP_INSTRUCTION = (
-    "Rewrite the user's speech transcript cleanly: drop fillers, repeated words and anything "
-    "the speaker took back, and fix case and punctuation."
-)
-KNOWLEDGE_RULE = "Answer from these facts; if they do not say, say you don't know.\nFacts: "
+# Short on purpose: the prompt is paid for on every training example and every
+# turn, and the trained model knows the task from the canvas layout.
+INSTRUCTION = "You are a voice assistant. Clean up the user's transcript, then reply in one to three short sentences."
+CLEANUP_INSTRUCTION = "Clean up the user's transcript."
+KNOWLEDGE_RULE = "Answer from these facts, or say you don't know.\nFacts: "
 CLEAN_LABEL = "Cleaned:"
 REPLY_LABEL = "\nReply:"
 
-CLEAN_BUCKETS = (16, 32, 48, 64, 96, 128)
+# Steps of 8 up to 64: a canvas sized to the utterance, few shapes for batching.
+CLEAN_BUCKETS = (16, 24, 32, 40, 48, 56, 64, 80, 96, 128)
 MAX_TRANSCRIPT_CHARS = 2000
 
 
@@ -61,7 +57,7 @@ class TurnResult:
 class TurnLayout:
     """Token sizes of the turn format; the defaults suit a spoken reply."""
 
-    reply_tokens: int = 48
+    reply_tokens: int = 32  # the longest trained reply is about 21 tokens
     history_tokens: int = 192  # older turns are dropped past this budget
     knowledge_tokens: int = 384
     clean_buckets: tuple[int, ...] = CLEAN_BUCKETS
@@ -77,6 +73,7 @@ class Encoded:
     with_reply: bool
     raw: str = ""
     meta: dict = field(default_factory=dict)
+    clean_vocab: list[int] = field(default_factory=list)  # tokens the cleaned field may use (see clean_vocabulary)
 
     @property
     def shape_key(self) -> tuple[int, bool]:
@@ -130,7 +127,26 @@ def encode_turn(turn: Turn, tok: Tokenizer, chat: ChatFormat, *, mask_id: int,
         fields += [-1] * len(label_r) + [1] * layout.reply_tokens
     canvas.append(end)  # a fixed end closes the canvas, so both fields end cleanly
     fields.append(-1)
-    return Encoded(prompt=prompt, canvas=canvas, field=fields, with_reply=with_reply, raw=raw)
+    return Encoded(prompt=prompt, canvas=canvas, field=fields, with_reply=with_reply, raw=raw,
+                   clean_vocab=clean_vocabulary(raw, tok))
+
+
+PUNCTUATION = (".", ",", "?", "!", "'", ":", "-", "'s")
+
+
+def clean_vocabulary(raw: str, tok: Tokenizer) -> list[int]:
+    """The tokens a cleaned version of `raw` may use: its own words in lower,
+    capitalised and (short ones) upper case, punctuation, digits and the end
+    tokens. Cleaning drops and fixes words; it never brings in new ones, so a
+    decoder held to this set cannot swap "Saturday" for "Sunday"."""
+    ids = {tok.end_id, tok.eos_id}
+    for w in set(raw.split()):
+        for v in {w, w.capitalize(), w.upper() if len(w) <= 4 else w}:
+            ids.update(tok.encode(" " + v))
+            ids.update(tok.encode(v))
+    for text in PUNCTUATION + tuple(" " + str(d) for d in range(10)):
+        ids.update(tok.encode(text))
+    return sorted(ids)
 
 
 def decode_field(ids: list[int], fields: list[int], which: int, tok: Tokenizer, mask_id: int) -> str:

@@ -121,9 +121,76 @@ def test_fill_after_end_pads_the_field(tiny_engine):
         logits[0, :, 5] = 1.0
         logits[0, 2, end] = 50.0
         return logits
-    out = denoise(predict, canvas, mask, field, end, SamplerOptions(steps=4))
+    out = denoise(predict, canvas, mask, field, end, SamplerOptions(steps=4, no_repeat=False))
     assert out[0, 2:5].tolist() == [end, end, end]
     assert out[0, 6:].tolist() == [5, 5]
+
+
+def _flat_predict(prefer: dict[int, float], V: int = 12):
+    """A stand-in model: every position prefers the same tokens, with these logits."""
+    def predict(c, step):
+        logits = torch.zeros(c.shape[0], c.shape[1], V)
+        for t, v in prefer.items():
+            logits[..., t] = v
+        return logits
+    return predict
+
+
+def test_copy_clean_keeps_the_cleaned_field_to_its_vocabulary():
+    """With copy_clean, field 0 only takes allowed tokens, however strongly the model wants others."""
+    from dllm.sampler import denoise
+    mask, end = 11, 7
+    canvas = torch.tensor([[1] + [mask] * 6 + [2] + [mask] * 3])
+    field = torch.tensor([-1] + [0] * 6 + [-1] + [1] * 3)
+    vocab = torch.zeros(1, 12, dtype=torch.bool)
+    vocab[0, [3, 4, end]] = True
+    predict = _flat_predict({5: 9.0, 3: 2.0, 4: 1.0})
+    out = denoise(predict, canvas, mask, field, end, SamplerOptions(steps=3, no_repeat=False), clean_vocab=vocab)
+    assert set(out[0, 1:7].tolist()) <= {3, 4, end}
+    assert out[0, 8:].tolist() == [5, 5, 5], "the reply field is not held to the cleaned field's vocabulary"
+    free = denoise(predict, canvas, mask, field, end, SamplerOptions(steps=3, no_repeat=False, copy_clean=False),
+                   clean_vocab=vocab)
+    assert free[0, 1:7].tolist() == [5] * 6
+
+
+@pytest.mark.parametrize("steps", [1, 2, 6])
+def test_no_repeat_never_writes_a_token_twice_side_by_side(steps):
+    """With no_repeat, neighbours differ, whether committed in one step or across steps; digits may repeat."""
+    from dllm.sampler import denoise
+    mask, end = 11, 7
+    canvas = torch.tensor([[1] + [mask] * 6 + [end]])
+    field = torch.tensor([-1] + [0] * 6 + [-1])
+    predict = _flat_predict({5: 9.0, 6: 8.0, 4: 7.0})
+    out = denoise(predict, canvas, mask, field, end, SamplerOptions(steps=steps, end_confidence=0))[0, 1:7].tolist()
+    assert all(a != b for a, b in zip(out, out[1:])), out
+    repeat_ok = torch.zeros(12, dtype=torch.bool)
+    repeat_ok[5] = True  # a digit, say
+    out = denoise(predict, canvas, mask, field, end, SamplerOptions(steps=steps), repeat_ok=repeat_ok)
+    assert out[0, 1:7].tolist() == [5] * 6
+
+
+def test_unsure_end_tokens_are_committed_last():
+    """With end_confidence, an end token the model is unsure of does not take a step's quota first."""
+    from dllm.sampler import denoise
+    mask, end = 11, 7
+    canvas = torch.tensor([[1] + [mask] * 4])
+    field = torch.tensor([-1] + [0] * 4)
+
+    def predict(c, step):  # position 1 leans to an end token (p ~ 0.6); the others to words, less surely
+        logits = torch.zeros(1, 5, 12)
+        logits[0, 1, end] = 3.0
+        logits[0, 2:, 3] = torch.tensor([2.0, 2.5, 2.2])
+        logits[0, 2:, 4] = 1.5
+        return logits
+    seen = []
+    opts = SamplerOptions(steps=4, no_repeat=False, fill_after_end=False, end_confidence=0)
+    denoise(predict, canvas, mask, field, end, opts, on_step=lambda s, c: seen.append(c[0].tolist()))
+    assert seen[0][1] == end, "without the guard the end token goes first"
+    seen.clear()
+    denoise(predict, canvas, mask, field, end, SamplerOptions(steps=4, no_repeat=False, fill_after_end=False,
+                                                              end_confidence=0.9),
+            on_step=lambda s, c: seen.append(c[0].tolist()))
+    assert seen[0][1] == mask and seen[-1][1] == end
 
 
 def test_turn_format_round_trip(tiny_engine):

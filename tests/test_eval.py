@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from dllm.eval import accepted, normalise, reply_problem, strip_fillers, wer
+from dllm.eval.scoring import accepted, normalise, reply_problem, strip_fillers, wer
 
 
 @pytest.mark.parametrize("a, b", [

@@ -8,11 +8,13 @@ import torch
 from conftest import byte_tokenizer
 
 from dllm.chat import CHATML
-from dllm.data import TEMPLATES, Slots, cleanup_row, generate, grounded_row, is_heldout_template, number_words
+from dllm.training.cards import card_turn
+from dllm.training.data import TEMPLATES, Slots, cleanup_row, generate, is_heldout_template, number_words
+from dllm.training.talk import talk_turn
 from dllm.loaders import merge_adapter, read_adapter
 from dllm.lora import RowEmbedding, add_lora, save_adapter
 from dllm.model import PRESETS, Transformer
-from dllm.train import TrainConfig, collate, diffusion_loss, make_examples, train
+from dllm.training.train import TrainConfig, collate, diffusion_loss, make_examples, train
 
 WORDS = ["lantern", "marble", "quiver", "saddle", "thimble", "walrus", "zephyr", "bramble"]
 ROWS = [
@@ -39,8 +41,8 @@ def test_number_words():
 
 def test_data_is_reproducible_and_heldout_is_disjoint():
     """The same seed gives the same rows; held-out rows use held-out templates and values only."""
-    a = generate(3, n_cleanup=30, n_grounded=10, heldout=False, words=WORDS)
-    b = generate(3, n_cleanup=30, n_grounded=10, heldout=False, words=WORDS)
+    a = generate(3, n_cleanup=30, n_grounded=10, n_talk=10, heldout=False, words=WORDS)
+    b = generate(3, n_cleanup=30, n_grounded=10, n_talk=10, heldout=False, words=WORDS)
     assert a == b
     train_names = set(Slots(WORDS, heldout=False).lists["name"])
     held_names = set(Slots(WORDS, heldout=True).lists["name"])
@@ -59,19 +61,36 @@ def test_self_correction_keeps_only_the_corrected_slot():
     for _ in range(300):
         row = cleanup_row("I need a ticket to {city} on {day}.", slots, rng, "")
         city = row["cleaned"].split(" to ")[1].split(" on ")[0].lower()
-        assert city in row["raw"]
+        words = iter(row["raw"].split())
+        assert all(w in words for w in city.split()), "the right city is said (a filler may split it)"
         seen += any(c in row["raw"] for c in ("no sorry", "i mean", "actually", "wait no"))
     assert seen > 20
 
 
-def test_grounded_rows_state_the_fact_or_decline():
-    """A grounded reply either contains an accepted string or says it does not know."""
+def test_card_replies_state_the_fact_in_words_or_decline():
+    """A card reply holds an accepted string, says numbers as words (never digits), or says it does not know."""
     rng = random.Random(1)
+    for _ in range(200):
+        card, question, reply, accept = card_turn(rng, heldout=False)
+        assert card and question.endswith("?") and reply
+        assert any(a.lower() in reply.lower() for a in accept), (card, question, reply, accept)
+        assert "wifi password" in reply or not any(c.isdigit() for c in reply), reply
+
+
+def test_talk_turns_fit_their_intent_and_repeat_from_history():
+    """Conversational replies carry their accepted words; "say that again" repeats the last reply."""
+    rng = random.Random(2)
     slots = Slots(WORDS, heldout=False)
-    for _ in range(50):
-        row = grounded_row(rng, slots, heldout=False)
-        assert row["knowledge"] and row["reply"]
-        assert any(a.lower() in row["reply"].lower() for a in row["accept"])
+    history = (("Where is the exit?", "The exit is at the back."),)
+    repeats = 0
+    for _ in range(300):
+        user, reply, accept = talk_turn(rng, slots, False, history)
+        assert user and reply and any(a.lower() in reply.lower() for a in accept), (user, reply, accept)
+        repeats += reply == history[-1][1]
+    assert repeats > 5
+    held = {talk_turn(random.Random(i), slots, True)[0] for i in range(200)}
+    train = {talk_turn(random.Random(i), slots, False)[0] for i in range(200)}
+    assert held and not (held & train) - {"Hi."}, "held-out phrasings are kept apart"
 
 
 def test_loss_decreases_on_a_tiny_model(tmp_path):

@@ -17,8 +17,8 @@ Dream 7B), fitted to `dllm.turn`:
   - LoRA on attention and MLP plus a fully trained mask-token embedding row;
     bf16 autocast, AdamW, warmup + cosine, gradient clipping.
 
-    python -m dllm.train --data data/train.jsonl --run runs/v1 --steps 2000
-    python -m dllm.train --data data/train.jsonl --run runs/v1 --steps 4000 --resume
+    python -m dllm.training.train --data data/train.jsonl --run runs/v1 --steps 2000
+    python -m dllm.training.train --data data/train.jsonl --run runs/v1 --steps 4000 --resume
 """
 from __future__ import annotations
 
@@ -36,12 +36,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .chat import CHATML, ChatFormat
-from .errors import RequestError
-from .lora import add_lora, load_adapter_state, save_adapter, trainable_parameters
-from .model import Transformer
-from .tokenizer import Tokenizer
-from .turn import Turn, TurnLayout, encode_turn, training_canvas
+from ..chat import CHATML, ChatFormat
+from ..errors import RequestError
+from ..lora import add_lora, load_adapter_state, save_adapter, trainable_parameters
+from ..model import Transformer
+from ..tokenizer import Tokenizer
+from ..turn import Turn, TurnLayout, encode_turn, training_canvas
 
 BASE_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -49,7 +49,8 @@ BASE_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 @dataclass
 class TrainConfig:
     steps: int = 2000
-    batch: int = 8
+    batch: int = 8  # examples a batch at most
+    batch_tokens: int = 0  # if > 0, fewer examples when they are long: at most this many tokens a batch
     lr: float = 3e-4
     warmup: int = 50
     weight_decay: float = 0.0
@@ -58,7 +59,7 @@ class TrainConfig:
     alpha: float = 32.0
     eps: float = 1e-3  # lower bound of t, so 1/t stays finite
     cleanup_share: float = 0.4  # share of batches with cleanup-only canvases
-    reply_tokens: int = 48
+    reply_tokens: int = 32
     save_every: int = 100
     seed: int = 0
     bf16: bool = True
@@ -130,8 +131,9 @@ def diffusion_loss(model: Transformer, batch: dict[str, Tensor], mask_id: int, *
     tokens, editable = batch["tokens"].to(dev), batch["editable"].to(dev)
     P = int(batch["prompt_len"])
     B, N = editable.shape
-    if t is None:
-        t = eps + (1 - eps) * torch.rand(B, generator=generator)
+    if t is None:  # stratified over the batch: one t in each of B equal slices, lower variance than i.i.d.
+        u = (torch.arange(B) + torch.rand(B, generator=generator)) / B
+        t = eps + (1 - eps) * u[torch.randperm(B, generator=generator)]
     t = t.to(dev)
     drop = (torch.rand(B, N, generator=generator).to(dev) < t[:, None]) & editable  # (B, N)
     target = tokens[:, P:]
@@ -155,18 +157,31 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 class Batches:
-    """An endless, seeded stream of batches: each batch is all full turns or all cleanup."""
+    """An endless, seeded stream of batches of similar length.
+
+    Each batch is all full turns or all cleanup canvases. Examples are sorted
+    by length and a batch is a random run of neighbours, so little of it is
+    padding; with `batch_tokens` a batch of long examples holds fewer of them.
+    """
 
     def __init__(self, full: list[Example], clean: list[Example], cfg: TrainConfig, pad_id: int):
         if not full and not clean:
             raise ValueError("no training examples")
-        self.full, self.clean, self.cfg, self.pad_id = full, clean, cfg, pad_id
+        size = lambda e: len(e.prompt) + len(e.target)
+        self.full, self.clean = sorted(full, key=size), sorted(clean, key=size)
+        self.cfg, self.pad_id = cfg, pad_id
         self.rng = random.Random(cfg.seed)
 
     def next(self) -> dict[str, Tensor]:
         use_clean = not self.full or (self.clean and self.rng.random() < self.cfg.cleanup_share)
         pool = self.clean if use_clean else self.full
-        return collate(self.rng.sample(pool, min(self.cfg.batch, len(pool))), self.pad_id)
+        start = self.rng.randrange(len(pool))
+        n = self.cfg.batch
+        if self.cfg.batch_tokens > 0:
+            longest = pool[min(len(pool), start + n) - 1]
+            n = max(1, min(n, self.cfg.batch_tokens // (len(longest.prompt) + len(longest.target))))
+        start = min(start, max(0, len(pool) - n))
+        return collate(pool[start:start + n], self.pad_id)
 
 
 def adapter_meta(model: Transformer, tok: Tokenizer, cfg: TrainConfig, step: int, base: str) -> dict:
@@ -176,10 +191,12 @@ def adapter_meta(model: Transformer, tok: Tokenizer, cfg: TrainConfig, step: int
 
 
 def save_state(run: Path, model: Transformer, opt: torch.optim.Optimizer, step: int, tok: Tokenizer,
-               cfg: TrainConfig, base: str, copy_to: Path | None, losses: list[float]) -> None:
+               cfg: TrainConfig, base: str, copy_to: Path | None, losses: list[float], examples: int) -> None:
     """Checkpoint: the adapter (loadable on its own) plus optimizer state and step."""
-    save_adapter(run / "adapter", model, meta=adapter_meta(model, tok, cfg, step, base))
-    state = {"step": step, "optimizer": opt.state_dict(), "rng": torch.get_rng_state(), "losses": losses[-1000:]}
+    meta = adapter_meta(model, tok, cfg, step, base) | {"examples_seen": examples}
+    save_adapter(run / "adapter", model, meta=meta)
+    state = {"step": step, "examples": examples, "optimizer": opt.state_dict(), "rng": torch.get_rng_state(),
+             "losses": losses[-1000:]}
     torch.save(state, run / "state.pt.tmp")
     (run / "state.pt.tmp").replace(run / "state.pt")
     if copy_to is not None:
@@ -191,12 +208,14 @@ def save_state(run: Path, model: Transformer, opt: torch.optim.Optimizer, step: 
 
 def train(model: Transformer, tok: Tokenizer, rows: list[dict], cfg: TrainConfig, *, run: Path | None = None,
           chat: ChatFormat = CHATML, resume: bool = False, copy_to: Path | None = None, base: str = BASE_NAME,
-          log=print) -> list[float]:
+          init_adapter: Path | None = None, log=print) -> list[float]:
     """Wrap `model` with LoRA and train it on `rows`; returns the loss of each step.
 
     `run` receives train.log lines, `adapter/` and `state.pt` every
     `cfg.save_every` steps and at the end; with `resume` training continues
     from `run/state.pt`. `copy_to` gets a copy of each saved adapter.
+    `init_adapter` starts a new run from an earlier adapter's weights (a warm
+    start; its optimizer state is not carried over).
     """
     torch.manual_seed(cfg.seed)
     mask_id = model.cfg.mask_id
@@ -209,19 +228,23 @@ def train(model: Transformer, tok: Tokenizer, rows: list[dict], cfg: TrainConfig
     log(f"trainable parameters: {sum(p.numel() for p in params):,}")
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
     batches = Batches(full, clean, cfg, tok.end_id)
-    start, losses = 0, []
+    start, losses, examples = 0, [], 0
+    if init_adapter is not None and not (resume and run is not None and (run / "state.pt").is_file()):
+        from safetensors.torch import load_file
+        load_adapter_state(model, load_file(str(Path(init_adapter) / "adapter.safetensors")))
+        log(f"warm start from {init_adapter}")
     if resume and run is not None and (run / "state.pt").is_file():
         from safetensors.torch import load_file
         load_adapter_state(model, load_file(str(run / "adapter" / "adapter.safetensors")))
         state = torch.load(run / "state.pt", weights_only=True)
         opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
-        start, losses = state["step"], list(state["losses"])
+        start, losses, examples = state["step"], list(state["losses"]), state.get("examples", 0)
         batches.rng.seed(cfg.seed + start)  # a fresh but reproducible stream after resuming
         log(f"resumed at step {start}")
     model.train()
     gen = torch.Generator().manual_seed(cfg.seed + start)
-    t0, window = time.perf_counter(), []
+    t0, window, seen0 = time.perf_counter(), [], examples
     for step in range(start, cfg.steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
@@ -234,15 +257,18 @@ def train(model: Transformer, tok: Tokenizer, rows: list[dict], cfg: TrainConfig
         opt.step()
         losses.append(loss.item())
         window.append(loss.item())
+        examples += batch["tokens"].shape[0]
         done = step + 1
         if done % 10 == 0 or done == cfg.steps or done == start + 1:
-            rate = (done - start) / (time.perf_counter() - t0)
+            elapsed = time.perf_counter() - t0
+            rate = (done - start) / elapsed
             eta = (cfg.steps - done) / rate
             log(f"step {done}/{cfg.steps} loss {sum(window) / len(window):.4f} lr {lr_at(step, cfg):.2e} "
-                f"{rate:.3f} steps/s eta {eta / 60:.1f} min")
+                f"{rate:.3f} steps/s {elapsed / max(1, examples - seen0):.3f} s/example, {examples} seen, "
+                f"eta {eta / 60:.1f} min")
             window = []
         if run is not None and (done % cfg.save_every == 0 or done == cfg.steps):
-            save_state(run, model, opt, done, tok, cfg, base, copy_to, losses)
+            save_state(run, model, opt, done, tok, cfg, base, copy_to, losses, examples)
             log(f"saved step {done} to {run / 'adapter'}" + (f" and {copy_to}" if copy_to else ""))
     model.eval()
     return losses
@@ -254,10 +280,11 @@ def read_jsonl(path: str | Path) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m dllm.train", description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", default="data/train.jsonl", help="training rows (from python -m dllm.data)")
+    p = argparse.ArgumentParser(prog="python -m dllm.training.train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", default="data/train.jsonl", help="training rows (from python -m dllm.training.data)")
     p.add_argument("--run", default="runs/voice", help="directory for train.log, adapter/ and state.pt")
     p.add_argument("--resume", action="store_true", help="continue from RUN/state.pt")
+    p.add_argument("--init-adapter", default=None, help="start a new run from this adapter's weights")
     p.add_argument("--copy-to", default=None, help="also copy each saved adapter here (e.g. dllm/adapters/voice-smollm2)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -281,13 +308,18 @@ def main(argv: list[str] | None = None) -> None:
     rows = read_jsonl(args.data)
     if cfg.max_examples:
         rows = rows[:cfg.max_examples]
-    from .gguf_loader import load_gguf, packaged_smollm2_path
+    from .. import fast_bf16
+    from ..gguf_loader import load_gguf, packaged_smollm2_path
     model, tok = load_gguf(packaged_smollm2_path())
+    if cfg.bf16 and not fast_bf16(args.device):
+        log(f"bf16 is slow on this {args.device} (no bf16 units): training in float32")
+        cfg.bf16 = False
     if cfg.bf16:  # the frozen base in bf16 (no per-step casts); LoRA weights stay float32
         model = model.to(torch.bfloat16)
     model = model.to(args.device)
     train(model, tok, rows, cfg, run=run, resume=args.resume, log=log,
-          copy_to=Path(args.copy_to) if args.copy_to else None)
+          copy_to=Path(args.copy_to) if args.copy_to else None,
+          init_adapter=Path(args.init_adapter) if args.init_adapter else None)
     log("done")
 
 

@@ -11,15 +11,18 @@ Three kinds of row, each {"raw", "cleaned", "reply", "knowledge", "history"}:
     then a near-miss word. Rows from `scripts/asr_roundtrip.py` (clean
     sentences spoken by piper and transcribed by Whisper) are added when
     their cache exists;
-  - grounded replies: a generated knowledge card (a venue's hours, prices,
-    events, places, rules) and a question about it; the reply states the
-    card's fact, or says it does not know when the card is silent;
-  - conversational replies: written by the AR base itself as teacher
-    (`dllm.teacher`, cached), filtered for length and repetition.
+  - grounded replies (`cards`): a generated knowledge card and a question
+    about it; the reply states the card's fact with numbers as words, or
+    says it does not know when the card is silent;
+  - conversational replies (`talk`): small talk, identity, abilities,
+    requests it cannot carry out, factual questions with no card (an honest
+    "I don't know"), "say that again" (the last reply, from the history).
+
+Card and conversational rows carry zero to two earlier turns as history.
 
 The held-out split uses templates and slot values that training never sees.
 
-    python -m dllm.data --out data/ --seed 0
+    python -m dllm.training.data --out data/ --seed 0
 """
 from __future__ import annotations
 
@@ -119,7 +122,7 @@ def vocab_words(path: str | Path | None = None, limit: int = 6000) -> list[str]:
     """Plain lower-case words from the base model's vocabulary (single BPE tokens with a space)."""
     from gguf import GGUFReader
 
-    from .gguf_loader import packaged_smollm2_path
+    from ..gguf_loader import packaged_smollm2_path
     reader = GGUFReader(str(path or packaged_smollm2_path()))
     tokens = reader.fields["tokenizer.ggml.tokens"].contents()
     words = sorted({t[1:] for t in tokens if re.fullmatch(r"\u0120[a-z]{4,11}", t)})
@@ -335,6 +338,52 @@ Thanks, and how do I get back to {place}?
 Sorry, could you repeat that?
 Yes, please book it for {time}.
 No, I said {city}, not {city}.
+I think the {thing} in the hallway is broken.
+The {thing} on the {floor} floor stopped working again.
+We need {num} more {thing} in room {digits}.
+Could we get {num} extra pillows in room {digits}?
+Is there any {food} left in the kitchen?
+I really enjoyed the {food} at {place} yesterday.
+We had a great time in {city} last summer.
+Can you put on some music for the party?
+Is it okay if I bring my {relative} along?
+Would it be possible to change my seat?
+I was wondering if {place} is open late on {day}.
+Do you happen to know when {place} closes?
+Any idea how long the line is at {place}?
+My {relative} and I are looking for {place}.
+I need to pick up my {thing} from {place} before {time}.
+Could you tell me how to get to {street} Street?
+Is {place} far from {street} Avenue?
+How long will the repairs on the {thing} take?
+I'd like to speak to someone about my bill.
+There's a problem with my order, it's missing the {food}.
+The {thing} I ordered came in the wrong color.
+Can I change my delivery to {day}?
+How much would it cost to ship a {thing} to {city}?
+I'd like to cancel my subscription.
+My card was declined, can I try another one?
+Please send the receipt to my email.
+Where do I sign up for the {word} class?
+Is the {word} class full on {day}?
+Does the {job} work on weekends?
+I need a {job} as soon as possible, my {thing} is leaking.
+How often does the bus to {place} run?
+Is the {place} within walking distance?
+What's the quickest way to {city} from the airport?
+Can you recommend something to do in {city} on a rainy day?
+I'm not feeling well, where is the nearest pharmacy?
+My {relative} lost a {color} {thing} near the entrance.
+Has anyone turned in a {color} {thing}?
+How many tickets are left for {day}?
+Are there any seats available at {time}?
+I'd like two tickets for the show at {time}, please.
+Can kids come to the {word} event?
+What should I bring to the {word} workshop?
+Please let {name} know that I called.
+Tell {name} the {thing} is ready for pickup.
+Can you check whether my {thing} has been shipped?
+I just moved to {street} Road and need to update my address.
 """.strip().splitlines()]
 
 GREETINGS = ["Hi", "Hello", "Hey", "Excuse me", "Okay", "Thanks"]
@@ -406,12 +455,18 @@ def corrupt(pieces: list[tuple[str, str | None, str]], slots: Slots, rng: random
             if w in NEAR_MISS:
                 out[k] = NEAR_MISS[w]
                 break
-    # A repeated word or two.
+    # A repeated word or phrase, sometimes with a filler between: "the the", "how do i uh how do i".
     n_rep = rng.choice([0, 0, 1, 1, 1, 2])
     for _ in range(n_rep):
         k = rng.randrange(len(out))
-        span = rng.choice([1, 1, 1, 2])
-        out = out[:k + span] + out[k:k + span] + out[k + span:]
+        span = rng.choice([1, 1, 1, 2, 2, 3])
+        gap = rng.choice([[], [], [], ["uh"], ["um"], ["i mean"]])
+        gap = [w for g in gap for w in g.split()]
+        out = out[:k + span] + gap + out[k:k + span] + out[k + span:]
+    # A restart: the opening words said again after a pause.
+    if rng.random() < 0.1 and len(out) > 4:
+        n = rng.randint(2, 3)
+        out = out[:n] + rng.choice([[], ["uh"], ["um"]]) + out
     # Fillers inside.
     for _ in range(rng.choice([0, 0, 1, 1, 2])):
         k = rng.randrange(1, max(2, len(out)))
@@ -426,263 +481,81 @@ def corrupt(pieces: list[tuple[str, str | None, str]], slots: Slots, rng: random
     return " ".join(out)
 
 
-def cleanup_row(template: str, slots: Slots, rng: random.Random, other: str) -> dict:
+def cleanup_row(template: str, slots: Slots, rng: random.Random, other: str, *, second: str | None = None) -> dict:
+    """A (raw, cleaned) pair from `template`; with `second`, a longer turn of two sentences."""
     pieces = render(template, slots, rng)
     if rng.random() < 0.08 and not template.startswith(tuple(GREETINGS)):
         g = rng.choice(GREETINGS)
         pieces = [(g + ", " + pieces[0][0][0].lower() + pieces[0][0][1:], pieces[0][1], pieces[0][2])] + pieces[1:] \
             if pieces[0][1] is None else [(g + ", ", None, "")] + pieces
+    if second is not None:
+        more = render(second, slots, rng)
+        more[0] = (more[0][0][0].upper() + more[0][0][1:],) + more[0][1:]
+        pieces = pieces + [(" ", None, "")] + more
     clean = clean_text(pieces)
     raw = " ".join(raw_words(clean)) if rng.random() < 0.08 else corrupt(pieces, slots, rng, raw_words(other))
     return {"raw": raw, "cleaned": clean, "reply": None, "knowledge": None, "history": []}
 
 
-# ----------------------------------------------------------------- knowledge cards
-
-VENUE_NAMES = _words("""Riverside, Lakeview, Maplewood, Harborview, Pinecrest, Sunnyvale, Cedar Grove, Willow
-Creek, Bayside, Hillcrest, Northgate, Southpoint, Eastwood, Westfield, Brookside, Fairview, Greenfield, Silver
-Lake, Golden Gate, Redwood, Stonebridge, Meadowbrook, Ashford, Kingsley, Clearwater, Blue Ridge, Foxhill,
-Elmhurst, Rosewood, Ironwood, Copper Hill, Lighthouse, Evergreen, Sandy Shore, Hollow Oak, Bright Star,
-Crescent, Summit, Horizon, Parkside, Old Town, Union, Liberty, Central, Highland, Orchard, Marble Arch,
-Thornbury, Wexford, Glenwood, Beacon Hill, Misty Valley, Twin Pines, Juniper, Sparrow, Falcon, Polar, Coral""")
-VENUE_TYPES = _words("""Museum, Library, Zoo, Aquarium, Gym, Pharmacy, Cafe, Bakery, Cinema, Hotel, Swimming
-Pool, Art Gallery, Bookstore, Science Center, Garden Center, Bowling Alley, Ice Rink, Climbing Gym, Bike Rental,
-Community Center, Dental Clinic, Hair Salon, Pet Shop, Farmers Market, Botanical Garden, Water Park, Theater,
-Car Wash, Hostel, Visitor Center, Food Hall, Music School, Yoga Studio, Tennis Club, Laundromat, Post Office""")
-TICKETS = [("adults", "an adult ticket"), ("children", "a child ticket"), ("seniors", "a senior ticket"),
-           ("students", "a student ticket")]
-ITEMS = _words("""day pass, locker, guided tour, parking ticket, coffee, sandwich, bike rental, towel rental,
-single class, monthly pass, haircut, audio guide, gift wrap, printing page, shoe rental, kayak rental""")
-EVENTS = _words("""guided tour, story time, live music, feeding time, yoga class, movie night, trivia night,
-cooking class, kids workshop, book club, swim lesson, art class, tasting, open mic, lecture, dance class""")
-SPOTS = _words("""the restrooms, the lockers, the lost and found, the elevator, the gift shop, the cafe,
-the first aid room, the information desk, the coat check, the water fountain, the exit, the changing rooms""")
-WHERE = _words("""on the second floor, next to the entrance, by the main stairs, at the back, in the basement,
-on the ground floor, behind the front desk, near the elevators, on the third floor, across from the cafe,
-at the end of the hall, outside by the garden""")
-DONT_KNOW = ["I'm sorry, I don't know that.", "Sorry, I don't know.", "I'm sorry, I don't know the answer to that.",
-             "I don't know, sorry.", "I'm not sure, I don't know that one.", "Sorry, I don't know that."]
-
-
-def _hour(rng: random.Random, lo: int, hi: int) -> int:
-    return rng.randint(lo, hi)
-
-
-def make_card(rng: random.Random, heldout: bool) -> tuple[str, list[dict]]:
-    """A venue card and its facts: [{"kind", "questions", "reply", "accept"}]."""
-    names = [v for i, v in enumerate(VENUE_NAMES) if (i % 10 == 7) == heldout]
-    name = f"{rng.choice(names)} {rng.choice(VENUE_TYPES)}"
-    facts = []
-    o, c = _hour(rng, 6, 11), _hour(rng, 4, 11)
-    days = rng.choice(["daily", "Monday to Friday", "Monday to Saturday", "every day", "weekdays"])
-    facts.append({"kind": "hours", "card": f"Open {days} {o} am to {c} pm.",
-                  "questions": ["What time do you open?", "When do you open?", "What time do you close?",
-                                "How late are you open?", "What are your opening hours?", "When do you close today?"],
-                  "reply": [f"We open at {o} am and close at {c} pm.", f"We're open from {o} am to {c} pm.",
-                            f"Our hours are {o} am to {c} pm."],
-                  "accept": [str(o), str(c)]})
-    closed = rng.choice(DAYS)
-    facts.append({"kind": "closed", "card": f"Closed on {closed}s.",
-                  "questions": ["Which day are you closed?", "Is there a day you're closed?", "What day of the week are you closed?"],
-                  "reply": [f"We're closed on {closed}s.", f"Sorry, we're closed every {closed}."],
-                  "accept": [closed]})
-    who, what = rng.choice(TICKETS)
-    a, k = rng.randint(8, 40), rng.randint(2, 15)
-    facts.append({"kind": "price", "card": f"Adults {a} dollars, {who} {k} dollars." if who != "adults"
-                  else f"Adults {a} dollars.",
-                  "questions": [f"How much is {what}?", f"What does {what} cost?", f"How much for {what}?"]
-                  if who != "adults" else ["How much is an adult ticket?", "How much is it for an adult?"],
-                  "reply": [f"{what[0].upper() + what[1:]} is {k} dollars.", f"It's {k} dollars for {who}."]
-                  if who != "adults" else [f"An adult ticket is {a} dollars.", f"It's {a} dollars for adults."],
-                  "accept": [str(k) if who != "adults" else str(a)]})
-    item, p = rng.choice(ITEMS), rng.randint(2, 60)
-    facts.append({"kind": "item", "card": f"{item[0].upper() + item[1:]} {p} dollars.",
-                  "questions": [f"How much is a {item}?", f"What does the {item} cost?", f"How much do you charge for a {item}?"],
-                  "reply": [f"A {item} is {p} dollars.", f"The {item} costs {p} dollars."],
-                  "accept": [str(p)]})
-    ev, et, ed = rng.choice(EVENTS), _hour(rng, 1, 11), rng.choice(DAYS)
-    ap = rng.choice(["am", "pm"])
-    facts.append({"kind": "event", "card": f"{ev[0].upper() + ev[1:]} on {ed}s at {et} {ap}.",
-                  "questions": [f"When is the {ev}?", f"What time is the {ev}?", f"Is there a {ev}?"],
-                  "reply": [f"The {ev} is on {ed}s at {et} {ap}.", f"There's a {ev} every {ed} at {et} {ap}."],
-                  "accept": [str(et)]})
-    spot, where = rng.choice(SPOTS), rng.choice(WHERE)
-    facts.append({"kind": "where", "card": f"{spot[4].upper() + spot[5:]} {where}.",
-                  "questions": [f"Where are {spot}?", f"Where can I find {spot}?", f"How do I get to {spot}?"],
-                  "reply": [f"{spot[0].upper() + spot[1:]} {'are' if spot.endswith('s') else 'is'} {where}.",
-                            f"You'll find {spot} {where}."],
-                  "accept": [where.split(" ", 1)[1]]})
-    park = rng.choice([("Parking is free.", "Parking is free.", "free"),
-                       (f"Parking {rng.randint(2, 20)} dollars a day.", None, None),
-                       ("No parking on site.", "Sorry, there's no parking on site.", "no parking")])
-    pr = park[1] or f"Parking is {park[0].split()[1]} dollars a day."
-    facts.append({"kind": "parking", "card": park[0],
-                  "questions": ["Is there parking?", "Do I have to pay for parking?", "Where can I park?", "How much is parking?"],
-                  "reply": [pr], "accept": [park[2] or park[0].split()[1]]})
-    rule = rng.choice([("No pets allowed.", "pets", "Sorry, pets are not allowed.", "not allowed"),
-                       ("Dogs welcome on a leash.", "dogs", "Yes, dogs are welcome on a leash.", "leash"),
-                       ("No outside food or drinks.", "food", "Sorry, no outside food or drinks.", "no outside"),
-                       ("Photos allowed without flash.", "photos", "Yes, you can take photos without flash.", "without flash")])
-    q = {"pets": ["Can I bring my cat?", "Are pets allowed?"], "dogs": ["Can I bring my dog?", "Are dogs allowed?"],
-         "food": ["Can I bring my own food?", "Can I bring snacks?"],
-         "photos": ["Can I take pictures?", "Are photos allowed?"]}[rule[1]]
-    facts.append({"kind": "rule", "card": rule[0], "questions": q, "reply": [rule[2]], "accept": [rule[3]]})
-    if rng.random() < 0.5:
-        word = rng.choice(["sunshine", "welcome", "guest", "visitor", "hello", "coffee", "garden", "summer"])
-        code = rng.randint(10, 99)
-        facts.append({"kind": "wifi", "card": f"Wifi password {word}{code}.",
-                      "questions": ["What's the wifi password?", "Is there wifi?", "How do I get on the wifi?"],
-                      "reply": [f"The wifi password is {word}{code}."], "accept": [f"{word}{code}"]})
-    rng.shuffle(facts)
-    shown = facts[:rng.randint(3, min(6, len(facts) - 1))]
-    hidden = facts[len(shown):]
-    card = name + ". " + " ".join(f["card"] for f in shown)
-    out = [dict(f, known=True) for f in shown] + [dict(f, known=False) for f in hidden]
-    return card, out
-
-
-# Questions no card answers.
-OFF_CARD = ["Do you sell gift cards?", "Is there a dress code?", "Can I book a birthday party here?",
-            "Do you have a phone charger I can borrow?", "Who is the manager today?", "Is the water safe to drink?",
-            "Do you offer student discounts?", "Can I get a refund?", "Is there a bus stop nearby?",
-            "Are you hiring right now?", "Do you have wheelchair access?", "Is there a cash machine here?"]
-
-
-def grounded_row(rng: random.Random, slots: Slots, heldout: bool) -> dict:
-    card, facts = make_card(rng, heldout)
-    known = [f for f in facts if f["known"]]
-    fact = rng.choice(known) if rng.random() < 0.75 else rng.choice([f for f in facts if not f["known"]])
-    if not fact["known"] and rng.random() < 0.3:
-        question, reply, accept = rng.choice(OFF_CARD), rng.choice(DONT_KNOW), ["don't know", "do not know"]
-    elif fact["known"]:
-        question, reply, accept = rng.choice(fact["questions"]), rng.choice(fact["reply"]), fact["accept"]
-    else:
-        question, reply, accept = rng.choice(fact["questions"]), rng.choice(DONT_KNOW), ["don't know", "do not know"]
-    pieces = [(question, None, "")]
-    raw = corrupt(pieces, slots, rng, []) if rng.random() < 0.7 else " ".join(raw_words(question))
-    return {"raw": raw, "cleaned": question, "reply": reply, "knowledge": card, "history": [], "accept": accept}
-
-
-# ----------------------------------------------------------------- the AR teacher
-
-TEACHER_SYSTEM = "You are a friendly voice assistant. Reply in one or two short, plain spoken sentences."
-
-
-def _good_reply(text: str, n_tokens: int, max_tokens: int) -> str | None:
-    """The reply cut to whole sentences (at most three), or None if it fails the filters."""
-    text = " ".join(text.split())
-    ends = [m.end() for m in re.finditer(r"[.!?](\s|$)", text)]
-    if not ends:
-        return None
-    text = text[:ends[min(2, len(ends) - 1)]].strip()
-    words = text.lower().split()
-    trigrams = [tuple(words[i:i + 3]) for i in range(len(words) - 2)]
-    if len(words) < 3 or len(set(trigrams)) < len(trigrams) or n_tokens > max_tokens:
-        return None
-    if re.search(r"[*#\[\]<>{}|_]|https?:|\d\.|^-|AI\b|language model|assistant|sorry for|equipped|"
-                 r"I'm here to|your loss", text):
-        return None
-    return text
-
-
-def teacher_replies(prompts: list[str], *, cache: Path, threads: int = 2, batch: int = 32,
-                    max_new: int = 36) -> list[str | None]:
-    """Replies by the AR base (causal attention, greedy), filtered; cached by prompt in `cache`."""
-    import torch
-
-    from .chat import CHATML
-    from .gguf_loader import load_gguf, packaged_smollm2_path
-    from .model import KVCache
-    done = {}
-    if cache.is_file():
-        for line in cache.open():
-            r = json.loads(line)
-            done[r["prompt"]] = r["reply"]
-    todo = list(dict.fromkeys(p for p in prompts if p not in done))
-    if todo:
-        torch.set_num_threads(threads)
-        model, tok = load_gguf(packaged_smollm2_path(), attention="causal", shift_logits=False)
-        stops = torch.tensor([tok.end_id, tok.eos_id])
-        t0 = time.perf_counter()
-        with torch.inference_mode(), cache.open("a") as f:
-            for start in range(0, len(todo), batch):
-                chunk = todo[start:start + batch]
-                ids = [tok.encode(CHATML.message("system", TEACHER_SYSTEM) + CHATML.message("user", p)
-                                  + CHATML.assistant_open) for p in chunk]
-                P, B = max(map(len, ids)), len(ids)
-                tokens = torch.tensor([[tok.end_id] * (P - len(x)) + x for x in ids])
-                valid = torch.tensor([[False] * (P - len(x)) + [True] * len(x) for x in ids])
-                lengths = valid.sum(-1)
-                pos = (torch.arange(P) - (P - lengths)[:, None]).clamp(min=0)
-                h, kv = model.hidden(tokens, pos, prefix_len=0, key_valid=valid, save_cache=True)
-                out = torch.zeros(B, 0, dtype=torch.long)
-                finished = torch.zeros(B, dtype=torch.bool)
-                for k in range(max_new):
-                    nxt = model.lm_head(h[:, -1]).float().argmax(-1)  # (B,)
-                    nxt = torch.where(finished, tok.end_id, nxt)
-                    out = torch.cat([out, nxt[:, None]], 1)
-                    finished |= torch.isin(nxt, stops)
-                    if finished.all():
-                        break
-                    valid = torch.cat([valid, torch.ones(B, 1, dtype=torch.bool)], 1)
-                    h, new = model.hidden(nxt[:, None], (lengths + k)[:, None], prefix_len=0, key_valid=valid,
-                                          cache=kv, save_cache=True)
-                    kv = KVCache([torch.cat([a, b], 2) for a, b in zip(kv.keys, new.keys)],
-                                 [torch.cat([a, b], 2) for a, b in zip(kv.values, new.values)], valid)
-                for p, row in zip(chunk, out.tolist()):
-                    row = row[:row.index(tok.end_id)] if tok.end_id in row else row
-                    text = tok.decode(row)
-                    reply = _good_reply(text, len(tok.encode(" " + text.strip())), max_new)
-                    done[p] = reply
-                    f.write(json.dumps({"prompt": p, "reply": reply, "raw": text}) + "\n")
-                n = start + len(chunk)
-                rate = n / (time.perf_counter() - t0)
-                print(f"teacher: {n}/{len(todo)} prompts, {rate:.2f}/s, eta {(len(todo) - n) / rate:.0f} s", flush=True)
-    return [done.get(p) for p in prompts]
-
-
 # ----------------------------------------------------------------- assembly
 
-def generate(seed: int, *, n_cleanup: int, n_grounded: int, heldout: bool, words: list[str]) -> list[dict]:
+def with_history(rng: random.Random, pool: list[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
+    """Zero to two earlier (user, assistant) turns drawn from `pool`."""
+    n = rng.choice([0, 0, 0, 1, 1, 2])
+    return tuple(rng.choice(pool) for _ in range(n)) if pool else ()
+
+
+def generate(seed: int, *, n_cleanup: int, n_grounded: int, n_talk: int, heldout: bool,
+             words: list[str]) -> list[dict]:
+    """Rows of every kind, reproducible from `seed`; `heldout` draws the reserved templates and values."""
+    from .cards import card_turn
+    from .talk import talk_turn
     rng = random.Random(seed)
     slots = Slots(words, heldout)
     templates = [t for i, t in enumerate(TEMPLATES) if is_heldout_template(i) == heldout]
     rows = []
     for _ in range(n_cleanup):
-        rows.append(cleanup_row(rng.choice(templates), slots, rng, rng.choice(TEMPLATES).split("{")[0]))
-    for _ in range(n_grounded):
-        rows.append(grounded_row(rng, slots, heldout))
+        rows.append(cleanup_row(rng.choice(templates), slots, rng, rng.choice(TEMPLATES).split("{")[0],
+                                second=rng.choice(templates) if rng.random() < 0.12 else None))
+    past: list[tuple[str, str]] = []  # earlier turns, for history
+    for i in range(n_grounded + n_talk):
+        history = with_history(rng, past)
+        if i < n_grounded:
+            card, question, reply, accept = card_turn(rng, heldout)
+        else:
+            card = None
+            question, reply, accept = talk_turn(rng, slots, heldout, history)
+        past.append((question, reply))
+        past = past[-50:]
+        raw = corrupt([(question, None, "")], slots, rng, []) if rng.random() < 0.7 else " ".join(raw_words(question))
+        row = {"raw": raw, "cleaned": question, "reply": reply, "knowledge": card, "history": [list(h) for h in history]}
+        if accept:
+            row["accept"] = accept
+        rows.append(row)
     return rows
 
 
-def conversational_prompts(seed: int, n: int, words: list[str]) -> list[str]:
-    """Clean user sentences (training templates only) for the AR teacher to answer."""
-    rng = random.Random(seed + 1)
-    slots = Slots(words, heldout=False)
-    templates = [t for i, t in enumerate(TEMPLATES) if not is_heldout_template(i)]
-    return [clean_text(render(rng.choice(templates), slots, rng)) for _ in range(n)]
-
-
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m dllm.data", description="Generate the voice-turn training data.")
+    p = argparse.ArgumentParser(prog="python -m dllm.training.data", description="Generate the voice-turn training data.")
     p.add_argument("--out", default="data")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cleanup", type=int, default=16000, help="templated cleanup pairs (train)")
-    p.add_argument("--grounded", type=int, default=6000, help="knowledge-card turns (train)")
-    p.add_argument("--conversational", type=int, default=160, help="prompts for the AR teacher (cached)")
+    p.add_argument("--cleanup", type=int, default=40000, help="templated cleanup pairs (train)")
+    p.add_argument("--grounded", type=int, default=30000, help="knowledge-card turns (train)")
+    p.add_argument("--talk", type=int, default=20000, help="conversational turns with no card (train)")
     p.add_argument("--heldout-cleanup", type=int, default=300)
     p.add_argument("--heldout-grounded", type=int, default=150)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--heldout-talk", type=int, default=100)
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     words = vocab_words()
     print(f"{len(words)} vocabulary words; {len(TEMPLATES)} templates", flush=True)
-    train = generate(args.seed, n_cleanup=args.cleanup, n_grounded=args.grounded, heldout=False, words=words)
+    train = generate(args.seed, n_cleanup=args.cleanup, n_grounded=args.grounded, n_talk=args.talk,
+                     heldout=False, words=words)
     held = generate(args.seed + 1000, n_cleanup=args.heldout_cleanup, n_grounded=args.heldout_grounded,
-                    heldout=True, words=words)
-    print(f"templated: {len(train)} train rows, {len(held)} held-out rows ({time.perf_counter() - t0:.1f} s)", flush=True)
+                    n_talk=args.heldout_talk, heldout=True, words=words)
+    print(f"generated: {len(train)} train rows, {len(held)} held-out rows ({time.perf_counter() - t0:.1f} s)", flush=True)
     asr = out / "asr_roundtrip.jsonl"
     if asr.is_file():
         rows = [json.loads(line) for line in asr.open()]
@@ -690,19 +563,6 @@ def main(argv: list[str] | None = None) -> None:
         print(f"added {len(rows)} speech round-trip rows from {asr}", flush=True)
     else:
         print(f"no {asr}: run `python scripts/asr_roundtrip.py --out {out}` for speech-made raw text", flush=True)
-    if args.conversational:
-        prompts = conversational_prompts(args.seed, args.conversational, words)
-        replies = teacher_replies(prompts, cache=out / "teacher_cache.jsonl", threads=args.threads)
-        rng = random.Random(args.seed + 2)
-        slots = Slots(words, heldout=False)
-        kept = 0
-        for prompt, reply in zip(prompts, replies):
-            if reply is None or reply.lower().strip(" .?!") == prompt.lower().strip(" .?!"):
-                continue
-            raw = corrupt([(prompt, None, "")], slots, rng, [])
-            train.append({"raw": raw, "cleaned": prompt, "reply": reply, "knowledge": None, "history": []})
-            kept += 1
-        print(f"teacher replies kept: {kept} of {len(prompts)}", flush=True)
     random.Random(args.seed).shuffle(train)
     for name, rows in (("train.jsonl", train), ("heldout.jsonl", held)):
         with open(out / name, "w") as f:

@@ -1,0 +1,201 @@
+"""Score the voice turn model: cleanup WER, knowledge-card accuracy, conversational fit, reply health.
+
+Sets: "dev" (../shared/eval's cleanup and card sets, plus this folder's
+hand-written conversational set `talk_dev.jsonl`) and "held-out" (the held-out
+split written by `python -m dllm.training.data`: unseen templates, slot values,
+venues and phrasings). Scoring is `dllm.eval.scoring`. A conversational reply
+"fits" when it is healthy (not empty, repetitive or cut off) and holds one of
+the accepted strings (a greeting back, an honest "I can't" or "I don't know",
+the repeated reply, ...). "degenerate" is the share of all replies, card and
+conversational, that are empty, repetitive or cut off.
+
+    python -m dllm.eval                                   # shipped adapter, K=8, all sets
+    python -m dllm.eval --steps 4,8,16                    # one table row per set and K
+    python -m dllm.eval --guards each                     # each decoding guard switched off in turn
+    python -m dllm.eval --adapter runs/voice-v2/adapter --sets held-out --json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from .scoring import accepted, reply_problem, strip_fillers, wer
+
+DEFAULT_ADAPTER = Path(__file__).resolve().parents[1] / "adapters" / "voice-smollm2"
+SHARED_EVAL = Path(__file__).resolve().parents[3] / "shared" / "eval"
+TALK_DEV = Path(__file__).resolve().parent / "talk_dev.jsonl"
+GUARDS = ("copy_clean", "no_repeat", "end_confidence")
+
+
+def _read(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.open() if line.strip()] if path.is_file() else []
+
+
+def load_sets(names: list[str], heldout: Path) -> dict[str, dict[str, list[dict]]]:
+    """{set: {"cleanup": [{"text", "reference"}], "kiosk": [{"knowledge", "question", "accept"}],
+    "talk": [{"question", "accept", "history"?}]}}"""
+    sets = {}
+    if "held-out" in names:
+        rows = _read(heldout)
+        if not rows:
+            print(f"warning: no held-out rows at {heldout} (run python -m dllm.training.data)", file=sys.stderr)
+        sets["held-out"] = {
+            "cleanup": [{"text": r["raw"], "reference": r["cleaned"]} for r in rows if not r.get("reply")],
+            "kiosk": [{"knowledge": r["knowledge"], "question": r["raw"], "accept": r["accept"]}
+                      for r in rows if r.get("knowledge")],
+            "talk": [{"question": r["raw"], "accept": r["accept"], "history": r.get("history") or []}
+                     for r in rows if r.get("reply") and not r.get("knowledge")],
+        }
+    if "dev" in names:
+        sets["dev"] = {"cleanup": _read(SHARED_EVAL / "cleanup_dev.jsonl"), "kiosk": _read(SHARED_EVAL / "kiosk_dev.jsonl"),
+                       "talk": _read(TALK_DEV)}
+    return sets
+
+
+def load_engine_for_eval(adapter: Path | None, threads: int):
+    """The packaged SmolLM2 with `adapter` merged (bf16 where fast), wrapped in an Engine."""
+    import torch
+
+    from .. import default_dtype
+    from ..engine import Engine
+    from ..loaders import load_model
+    torch.set_num_threads(threads)
+    loaded = load_model(None, adapter=adapter)
+    return Engine(loaded.model.to(default_dtype("cpu")), loaded.tokenizer, loaded.chat, name=loaded.source)
+
+
+def evaluate(engine, sets: dict, sampler) -> dict:
+    """Run every part of every set with `sampler` (SamplerOptions); returns scores and a few examples."""
+    from ..turn import Turn
+    results = {}
+    for name, data in sets.items():
+        r: dict = {}
+        if data["cleanup"]:
+            texts = [x["text"] for x in data["cleanup"]]
+            refs = [x["reference"] for x in data["cleanup"]]
+            outs = engine.run([engine.encode(Turn(t), with_reply=False) for t in texts], sampler)
+            hyps = [o.cleaned for o in outs]
+            r["cleanup"] = {"n": len(texts), "wer_model": wer(hyps, refs), "wer_raw": wer(texts, refs),
+                            "wer_filler_regex": wer([strip_fillers(t) for t in texts], refs),
+                            "examples": [{"raw": t, "cleaned": h, "reference": f} for t, h, f in zip(texts, hyps, refs)]}
+        replies = []
+        for part in ("kiosk", "talk"):
+            if not data[part]:
+                continue
+            turns = [Turn(x["question"], knowledge=x.get("knowledge"),
+                          history=tuple(tuple(h) for h in x.get("history") or ())) for x in data[part]]
+            outs = engine.run([engine.encode(t) for t in turns], sampler)
+            ok = [accepted(o.reply, x["accept"]) and (part == "kiosk" or reply_problem(o.reply) is None)
+                  for o, x in zip(outs, data[part])]
+            replies += [o.reply for o in outs]
+            r[part] = {"n": len(ok), "accuracy": sum(ok) / len(ok),
+                       "examples": [{"question": x["question"], "cleaned": o.cleaned, "reply": o.reply, "ok": h}
+                                    for o, x, h in zip(outs, data[part], ok)]}
+        if replies:
+            problems = [reply_problem(x) for x in replies]
+            r["replies"] = {"n": len(replies), "degenerate": sum(p is not None for p in problems) / len(problems),
+                            **{k: problems.count(k) / len(problems) for k in ("empty", "repetitive", "cut off")}}
+        results[name] = r
+    return results
+
+
+def latency(engine, ks: list[int], repeats: int = 5) -> dict[int, float]:
+    """Median wall time (ms) of one full turn (clean + reply, with a card) at each K."""
+    from ..turn import Turn
+    turn = Turn("um so what time does the the museum open on saturday",
+                knowledge="City Museum. Open 10 am to 6 pm. Adults 12 dollars.")
+    engine.respond_sync(turn, steps=2)  # warm up
+    out = {}
+    for k in ks:
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            engine.respond_sync(turn, steps=k)
+            times.append((time.perf_counter() - t0) * 1000)
+        out[k] = statistics.median(times)
+    return out
+
+
+HEADER = (f"{'set':<9}{'K':>3} {'guards':<16}{'WER model':>10}{'WER raw':>8}{'WER regex':>10}  {'card acc':>9}"
+          f"{'talk fit':>9}{'degen.':>8}{'repet.':>7}{'cut off':>8}{'empty':>6}")
+
+
+def table_row(name: str, k: int, guards: str, r: dict) -> str:
+    c, kk, t, p = r.get("cleanup", {}), r.get("kiosk", {}), r.get("talk", {}), r.get("replies", {})
+    f = lambda d, key, w: f"{d[key]:>{w}.3f}" if key in d else f"{'-':>{w}}"
+    return (f"{name:<9}{k:>3} {guards:<16}{f(c, 'wer_model', 10)}{f(c, 'wer_raw', 8)}{f(c, 'wer_filler_regex', 10)}  "
+            f"{f(kk, 'accuracy', 9)}{f(t, 'accuracy', 9)}{f(p, 'degenerate', 8)}{f(p, 'repetitive', 7)}"
+            f"{f(p, 'cut off', 8)}{f(p, 'empty', 6)}")
+
+
+def print_examples(results: dict, n: int = 4) -> None:
+    for name, r in results.items():
+        for ex in r.get("cleanup", {}).get("examples", [])[:n]:
+            print(f"  [{name}] {ex['raw']!r} -> {ex['cleaned']!r}")
+        for part in ("kiosk", "talk"):
+            for ex in r.get(part, {}).get("examples", [])[:n]:
+                print(f"  [{name}] {ex['question']!r} -> {ex['reply']!r} {'ok' if ex['ok'] else 'MISS'}")
+
+
+def guard_variants(mode: str, base) -> list[tuple[str, object]]:
+    """(label, SamplerOptions) for --guards: on, off, or each (all on, then each one off, then all off)."""
+    off = replace(base, copy_clean=False, no_repeat=False, end_confidence=0.0)
+    without = {"copy_clean": {"copy_clean": False}, "no_repeat": {"no_repeat": False},
+               "end_confidence": {"end_confidence": 0.0}}
+    if mode == "on":
+        return [("all on", base)]
+    if mode == "off":
+        return [("all off", off)]
+    return [("all on", base)] + [(f"no {g}", replace(base, **without[g])) for g in GUARDS] + [("all off", off)]
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m dllm.eval", description=__doc__.split("\n\n")[0])
+    p.add_argument("--adapter", default=str(DEFAULT_ADAPTER), help="adapter directory, or 'none' for the bare base")
+    p.add_argument("--steps", default="8", help="K, denoising steps per turn; a comma list gives a row for each")
+    p.add_argument("--guards", default="on", choices=["on", "off", "each"], help="the decoding guards of SamplerOptions")
+    p.add_argument("--sets", default="held-out,dev", help="comma list of held-out, dev")
+    p.add_argument("--heldout", default="data/heldout.jsonl")
+    p.add_argument("--limit", type=int, default=0, help="at most this many rows per set part (0: all)")
+    p.add_argument("--latency", default="", help="K values to time (e.g. 4,8,16), or '' to skip")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--examples", type=int, default=4, help="examples to print per set part")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    args = p.parse_args(argv)
+    adapter = None if args.adapter == "none" else Path(args.adapter)
+    sets = load_sets(args.sets.split(","), Path(args.heldout))
+    if args.limit:
+        sets = {n: {k: v[:args.limit] for k, v in d.items()} for n, d in sets.items()}
+    engine = load_engine_for_eval(adapter, args.threads)
+    meta = {"adapter": str(adapter)}
+    if adapter is not None and (adapter / "adapter.json").is_file():
+        info = json.loads((adapter / "adapter.json").read_text())
+        meta["trained_steps"], meta["examples_seen"] = info.get("steps"), info.get("examples_seen")
+    rows = []
+    if not args.json:
+        print(f"adapter: {meta['adapter']}  (trained steps: {meta.get('trained_steps')}, "
+              f"examples seen: {meta.get('examples_seen')})")
+        print(HEADER, flush=True)
+    for k in [int(x) for x in args.steps.split(",")]:
+        for label, sampler in guard_variants(args.guards, replace(engine.options.sampler, steps=k)):
+            results = evaluate(engine, sets, sampler)
+            rows.append({"steps": k, "guards": label, "results": results})
+            if not args.json:
+                for name, r in results.items():
+                    print(table_row(name, k, label, r), flush=True)
+    lat = latency(engine, [int(k) for k in args.latency.split(",") if k]) if args.latency else {}
+    if args.json:
+        print(json.dumps({"meta": meta, "rows": rows, "latency_ms": lat}, indent=2))
+        return
+    if lat:
+        print("turn latency (median ms): " + ", ".join(f"K={k}: {v:.0f}" for k, v in lat.items()))
+    print_examples(rows[0]["results"], args.examples)
+
+
+if __name__ == "__main__":
+    main()

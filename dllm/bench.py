@@ -133,7 +133,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="default", help="'default' or a preset name (random weights)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    ap.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                    help="auto: bf16 where the device has fast bf16, else float32")
     ap.add_argument("--canvas", type=int, nargs="+", default=[64, 256])
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--prompt", type=int, default=128, help="prompt tokens")
@@ -144,6 +145,9 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.dtype == "auto":
+        from . import default_dtype
+        args.dtype = str(default_dtype(args.device)).removeprefix("torch.")
     dtype = getattr(torch, args.dtype)
     print(f"loading {args.model} on {args.device} ...", file=sys.stderr, flush=True)
     eng = load(args.model, args.device, dtype)

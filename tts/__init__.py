@@ -10,7 +10,7 @@ and plays what comes back.
 """
 from __future__ import annotations
 
-from .audio import float_to_pcm16, pcm16_to_float, resample
+from .audio import RESAMPLE_QUALITY, float_to_pcm16, pcm16_to_float, resample
 from .errors import SynthesisError, TTSError, VoiceLoadError
 from .synth import Synthesizer, SynthesizerOptions
 from .text import SentenceBuffer, split_sentences
@@ -26,4 +26,5 @@ __all__ = [
     "resample",
     "pcm16_to_float",
     "float_to_pcm16",
+    "RESAMPLE_QUALITY",
 ]

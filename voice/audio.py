@@ -3,19 +3,19 @@
 `tts.resample` converts a whole clip. A session gets its audio in 20-100 ms
 frames, and resampling each frame on its own would pad both ends with
 zeros, clicking at every frame boundary (50 times a second), which the VAD
-and Whisper both hear. `StreamResampler` keeps enough input on each side of
-the samples it emits (more than the filter's half-width) and keeps its
-buffer aligned to the rate ratio, so the streamed output equals resampling
-the whole stream at once (J. O. Smith's band-limited interpolation is
-position-exact, so the pieces meet without a seam).
+and Whisper both hear. `StreamResampler` is libsoxr's streaming resampler,
+which keeps its filter state between frames, so the pieces meet without a
+seam and the stream comes out as the whole clip would.
 """
 from __future__ import annotations
 
-import math
 import wave
 from pathlib import Path
 
 import numpy as np
+import soxr
+
+from tts import RESAMPLE_QUALITY, float_to_pcm16
 
 __all__ = ["StreamResampler", "pcm_chunks", "read_wav", "write_wav", "to_pcm16_bytes"]
 
@@ -23,9 +23,9 @@ __all__ = ["StreamResampler", "pcm_chunks", "read_wav", "write_wav", "to_pcm16_b
 class StreamResampler:
     """Resample an int16 stream chunk by chunk; `push` returns what is final so far.
 
-    The output lags the input by `context` input samples (4 ms at 16 kHz,
-    12 ms at 48 kHz); `flush` returns the rest at the end of the stream.
-    Memory is bounded: the buffer holds about one chunk plus 2 x context.
+    The output lags the input by the filter's delay (a few ms); `flush`
+    returns the rest at the end of the stream. Memory is bounded by the
+    filter's state.
 
     Example:
         >>> rs = StreamResampler(48000, 16000)
@@ -35,54 +35,19 @@ class StreamResampler:
     def __init__(self, src_rate: int, dst_rate: int) -> None:
         if src_rate <= 0 or dst_rate <= 0:
             raise ValueError(f"rates must be positive, got {src_rate} and {dst_rate}")
-        g = math.gcd(src_rate, dst_rate)
         self.src_rate, self.dst_rate = src_rate, dst_rate
-        self.up, self.down = dst_rate // g, src_rate // g
-        # The resampler's kernel reaches 16 zero crossings each way, i.e.
-        # about 17 x max(1, src/dst) input samples; 64 x that ratio is ample.
-        self.context = 64 * math.ceil(max(1.0, src_rate / dst_rate))
-        self._buf = np.zeros(0, np.float32)
-        self._start = 0  # absolute input index of _buf[0], always a multiple of `down`
-        self._taken = 0  # input samples pushed in all
-        self._done = 0  # output samples emitted
-
-    def _out_index(self, in_index: int) -> int:
-        return in_index * self.up // self.down
-
-    def _emit(self, n_end: int) -> np.ndarray:
-        from tts import resample
-
-        if n_end <= self._done:
-            return np.zeros(0, np.int16)
-        if self.up == self.down == 1:
-            out = self._buf
-        else:
-            out = resample(self._buf, self.src_rate, self.dst_rate)
-        first = self._out_index(self._start)  # exact: _start is a multiple of down
-        seg = out[self._done - first: n_end - first]
-        self._done = n_end
-        # Keep `context` input samples before the next output's position, aligned to `down`.
-        keep = (self._done * self.down // self.up - self.context) // self.down * self.down
-        keep = max(self._start, keep)
-        self._buf = self._buf[keep - self._start:]
-        self._start = keep
-        return np.clip(np.round(seg * 32767.0), -32768, 32767).astype(np.int16)
+        self._stream = soxr.ResampleStream(src_rate, dst_rate, 1, dtype="float32", quality=RESAMPLE_QUALITY)
 
     def push(self, pcm: np.ndarray) -> np.ndarray:
         """Add int16 samples; return the int16 output samples that are now final."""
         pcm = np.asarray(pcm)
         if pcm.dtype != np.int16 or pcm.ndim != 1:
             raise ValueError(f"StreamResampler takes 1-D int16 samples, got {pcm.dtype} {pcm.shape}")
-        self._buf = np.concatenate([self._buf, pcm.astype(np.float32) / 32768.0])
-        self._taken += len(pcm)
-        limit = self._taken - self.context  # outputs before this input position have full context
-        if limit <= 0:
-            return np.zeros(0, np.int16)
-        return self._emit(-(-limit * self.up // self.down))
+        return float_to_pcm16(self._stream.resample_chunk(pcm.astype(np.float32) / 32768.0))
 
     def flush(self) -> np.ndarray:
-        """End of stream: the remaining output (zero-padded on the right, as a whole-clip resample is)."""
-        return self._emit(-(-self._taken * self.up // self.down))
+        """End of stream: the remaining output."""
+        return float_to_pcm16(self._stream.resample_chunk(np.zeros(0, np.float32), last=True))
 
 
 def to_pcm16_bytes(pcm: np.ndarray) -> bytes:

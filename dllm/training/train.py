@@ -190,13 +190,20 @@ def adapter_meta(model: Transformer, tok: Tokenizer, cfg: TrainConfig, step: int
             "train": {k: v for k, v in asdict(cfg).items() if k not in ("save_every", "max_examples")}}
 
 
+def compact_optimizer_state(state: dict) -> dict:
+    """AdamW's moments in bf16: half the checkpoint that is committed between sessions.
+    `load_state_dict` casts them back to the parameters' float32."""
+    return {**state, "state": {k: {n: t.to(torch.bfloat16) if t.is_floating_point() and t.dim() else t
+                                   for n, t in v.items()} for k, v in state["state"].items()}}
+
+
 def save_state(run: Path, model: Transformer, opt: torch.optim.Optimizer, step: int, tok: Tokenizer,
                cfg: TrainConfig, base: str, copy_to: Path | None, losses: list[float], examples: int) -> None:
     """Checkpoint: the adapter (loadable on its own) plus optimizer state and step."""
     meta = adapter_meta(model, tok, cfg, step, base) | {"examples_seen": examples}
     save_adapter(run / "adapter", model, meta=meta)
-    state = {"step": step, "examples": examples, "optimizer": opt.state_dict(), "rng": torch.get_rng_state(),
-             "losses": losses[-1000:]}
+    state = {"step": step, "examples": examples, "optimizer": compact_optimizer_state(opt.state_dict()),
+             "rng": torch.get_rng_state(), "losses": losses[-1000:]}
     torch.save(state, run / "state.pt.tmp")
     (run / "state.pt.tmp").replace(run / "state.pt")
     if copy_to is not None:

@@ -54,3 +54,21 @@ def test_sse_and_chunks():
     with pytest.raises(A.ApiError) as info:
         A.parse_json_body(b"x" * (A.MAX_BODY_BYTES + 1))
     assert info.value.status == 413
+
+
+def test_hostile_bodies_are_400s():
+    """Huge integers, deep nesting and lone surrogates in a body are a 400 that says why, never another error."""
+    huge = "9" * 401
+    for body in (b"[" * 60_000, b'{"messages": [{"role": "user", "content": "\\ud800"}]}'):
+        with pytest.raises(A.ApiError) as info:
+            A.parse_json_body(body)
+        assert info.value.status == 400 and info.value.code == "bad_json"
+    for field in ("steps", "max_tokens", "seed"):
+        with pytest.raises(A.ApiError) as info:
+            A.parse_chat(A.parse_json_body(
+                b'{"messages": [{"role": "user", "content": "hi"}], "%s": %s}' % (field.encode(), huge.encode())))
+        assert info.value.status == 400 and info.value.param == field and len(info.value.message) < 200
+    with pytest.raises(A.ApiError) as info:
+        A.parse_cleanup_body({"text": "hi", "steps": 17}, max_steps=16)
+    assert info.value.param == "steps" and "16" in info.value.message
+    assert A.parse_cleanup_body({"text": "hi", "steps": 16}, max_steps=16).steps == 16

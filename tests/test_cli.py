@@ -98,3 +98,15 @@ def test_usage_errors():
     """Missing arguments are usage errors (exit 2)."""
     assert voice("respond", timeout=60).returncode == 2
     assert voice(timeout=60).returncode == 2
+
+
+def test_serve_beyond_loopback_needs_a_token():
+    """`voice serve --host 0.0.0.0` with no token refuses to start, before loading any model, and says why."""
+    env_token = os.environ.pop("VOICE_TOKEN", None)
+    try:
+        run = voice("serve", "--host", "0.0.0.0", "--port", "0", timeout=60)
+    finally:
+        if env_token is not None:
+            os.environ["VOICE_TOKEN"] = env_token
+    assert run.returncode == 1 and "--token" in run.stderr and "--insecure" in run.stderr
+    assert "loading" not in run.stderr

@@ -31,7 +31,7 @@ SYSTEM = "Pool: open 6 am to 9 pm."
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def server():
-    server = VoiceServer(Services(make_tiny_engine(batch_window_ms=30.0), steps=8), ServerOptions(port=0))
+    server = VoiceServer(Services(make_tiny_engine(batch_window_ms=30.0), steps=8), ServerOptions(port=0, max_steps=64))
     await server.start()
     yield server
     await server.close()
@@ -144,7 +144,7 @@ async def test_a_client_that_leaves_a_stream_early(server):
     reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
     body = json.dumps({"stream": True, "steps": 64, "canvas": True,
                        "messages": [{"role": "user", "content": "a long pass"}]}).encode()
-    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                  b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
     await writer.drain()
     assert b"200" in await asyncio.wait_for(reader.readline(), 30)

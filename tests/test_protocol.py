@@ -121,7 +121,7 @@ def test_oversized_text_frame():
 
 
 def test_cleanup_requests():
-    """/cleanup requests keep their id; bad ones say why, and the id is still found for the reply."""
+    """/cleanup requests keep their id; bad ones say why, and carry the id for the reply when it was readable."""
     assert P.parse_cleanup('{"id": 7, "text": "um so yeah"}') == P.CleanupRequest(7, "um so yeah")
     assert P.parse_cleanup('{"text": "hi"}') == P.CleanupRequest(None, "hi")
     for bad, code in [('{"id": 1}', "bad_message"), ("nope", "bad_json"), (b"\x00", "bad_message"),
@@ -129,8 +129,12 @@ def test_cleanup_requests():
         with pytest.raises(ProtocolError) as info:
             P.parse_cleanup(bad)
         assert info.value.code == code
-    assert P.request_id('{"id": "a-1"}') == "a-1"
-    assert P.request_id("garbage") is None
+    with pytest.raises(ProtocolError) as info:
+        P.parse_cleanup('{"id": "a-1", "text": ""}')
+    assert info.value.request_id == "a-1"
+    with pytest.raises(ProtocolError) as info:
+        P.parse_cleanup("garbage")
+    assert info.value.request_id is None
 
 
 def test_events_are_compact_json_with_a_type():
@@ -172,3 +176,55 @@ def test_model_errors_map_to_codes():
     assert P.error_code_for(TranscriptionError("x")) == "asr_failed"
     assert P.error_code_for(SynthesisError("x", "s")) == "tts_failed"
     assert P.error_code_for(KeyError("x")) == "internal"
+
+
+# ----- hostile input (issue 10's fuzz findings): a ProtocolError with a code, never another exception
+
+HUGE = "9" * 401  # json parses it; float() of it overflows
+
+
+@pytest.mark.parametrize("frame, code", [
+    ('{"type": "session.start", "sample_rate": %s}' % HUGE, "bad_sample_rate"),
+    ('{"type": "session.start", "sample_rate": 16000, "steps": %s}' % HUGE, "bad_message"),
+    ('{"type": "session.start", "sample_rate": 16000, "deadline_ms": -%s}' % HUGE, "bad_message"),
+    ('{"type": "session.start", "sample_rate": 16000, "output_sample_rate": %s}' % HUGE, "bad_sample_rate"),
+    ("[" * 60_000, "bad_json"),
+    ('{"a":' * 6_000 + "1" + "}" * 6_000, "bad_json"),
+    ('{"type": "session.start", "sample_rate": 16000, "knowledge": "\\ud800"}', "bad_json"),
+], ids=["huge-rate", "huge-steps", "huge-deadline", "huge-output-rate", "deep-array", "deep-object", "surrogate"])
+def test_hostile_session_start(frame, code):
+    """Huge integers, deep nesting and lone surrogates before session.start get a code, not a crash."""
+    with pytest.raises(ProtocolError) as info:
+        P.parse_frame(frame, started=False)
+    assert info.value.code == code and len(info.value.message) < 300
+
+
+def test_lone_surrogate_in_a_text_turn_is_refused():
+    """A text turn holding "\\ud800" is refused before it can reach the history (it would poison every turn)."""
+    assert code_of('{"type": "text", "text": "hi \\ud800 there"}') == "bad_json"
+    assert code_of('{"type": "text", "text": "hi \\udc00"}') == "bad_json"
+    assert P.parse_frame('{"type": "text", "text": "pair \\ud83d\\ude00 ok"}', started=True).text == "pair 😀 ok"
+
+
+def test_hostile_cleanup_requests():
+    """Surrogate ids, huge ids and oversized frames are refused; the reply's id is only ever a safe one."""
+    cases = [('{"id": "\\ud800", "text": "hi"}', "bad_json", None),
+             ('{"id": %s, "text": "hi"}' % HUGE, "bad_message", None),
+             ('{"id": 1e999, "text": "hi"}', "bad_message", None),
+             ('{"id": "ok", "text": "\\udfff"}', "bad_json", None),
+             ('{"id": "ok", "text": "%s"}' % ("x" * P.MAX_TEXT_FRAME_BYTES), "frame_too_large", None),
+             ('{"id": "ok", "text": 5}', "bad_message", "ok")]
+    for frame, code, rid in cases:
+        with pytest.raises(ProtocolError) as info:
+            P.parse_cleanup(frame)
+        assert (info.value.code, info.value.request_id) == (code, rid), frame[:60]
+        json.loads(P.cleanup_error(info.value.request_id, info.value.code, info.value.message)).get("id")
+
+
+def test_steps_bounded_by_the_servers_maximum():
+    """session.start's steps above the server's max_steps is refused with the bound in the message."""
+    start = '{"type": "session.start", "sample_rate": 16000, "steps": %d}'
+    assert P.parse_frame(start % 12, started=False, max_steps=12).steps == 12
+    with pytest.raises(ProtocolError) as info:
+        P.parse_frame(start % 13, started=False, max_steps=12)
+    assert info.value.code == "bad_message" and "12" in info.value.message

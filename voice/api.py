@@ -20,7 +20,6 @@ what is accepted; the server answers them in OpenAI's error shape.
 from __future__ import annotations
 
 import json
-import math
 import time
 import uuid
 from dataclasses import dataclass
@@ -61,21 +60,18 @@ def parse_json_body(body: bytes) -> dict:
         raise ApiError(413, f"the body has {len(body)} bytes; at most {MAX_BODY_BYTES} are accepted",
                        code="body_too_large")
     try:
-        obj = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ApiError(400, f"the body must be a JSON object; it did not parse: {e}", code="bad_json") from e
-    if not isinstance(obj, dict):
-        raise ApiError(400, f"the body must be a JSON object, got a JSON {type(obj).__name__}", code="bad_json")
-    return obj
+        return P.loads_object(body)
+    except ValueError as e:
+        raise ApiError(400, f"the body must be a JSON object; this one is not: {e}", code="bad_json") from None
 
 
 def _int(obj: dict, name: str, lo: int, hi: int) -> int | None:
     v = obj.get(name)
     if v is None:
         return None
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v != int(v) \
-            or not lo <= v <= hi:
-        raise ApiError(400, f"{name!r} must be an integer from {lo} to {hi}, got {v!r}", param=name)
+    if not P.is_integer(v) or not lo <= v <= hi:
+        shown = repr(v) if len(repr(v)) <= 40 else repr(v)[:37] + "..."
+        raise ApiError(400, f"{name!r} must be an integer from {lo} to {hi}, got {shown}", param=name)
     return int(v)
 
 
@@ -99,9 +95,9 @@ class CleanupBody:
     steps: int | None = None
 
 
-def parse_cleanup_body(obj: dict) -> CleanupBody:
-    """{"text": str} or {"texts": [str, ...]}, optional "steps"."""
-    steps = _int(obj, "steps", 1, P.MAX_STEPS)
+def parse_cleanup_body(obj: dict, *, max_steps: int = P.MAX_STEPS) -> CleanupBody:
+    """{"text": str} or {"texts": [str, ...]}, optional "steps" (1 to `max_steps`, the server's bound)."""
+    steps = _int(obj, "steps", 1, min(max_steps, P.MAX_STEPS))
     if ("text" in obj) == ("texts" in obj):
         raise ApiError(400, 'send either "text" (a string) or "texts" (a list of strings)')
     if "text" in obj:
@@ -150,8 +146,9 @@ def _content(message: dict, i: int) -> str:
     raise ApiError(400, f"messages[{i}].content must be a string or a list of text parts", param="messages")
 
 
-def parse_chat(obj: dict) -> ChatRequest:
-    """Map an OpenAI chat completion request onto a dLLM turn. Raises `ApiError`."""
+def parse_chat(obj: dict, *, max_steps: int = P.MAX_STEPS) -> ChatRequest:
+    """Map an OpenAI chat completion request onto a dLLM turn. Raises `ApiError`.
+    `max_steps` is the server's bound on `steps`."""
     messages = obj.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "'messages' must be a non-empty list", param="messages")
@@ -199,7 +196,7 @@ def parse_chat(obj: dict) -> ChatRequest:
     if max_tokens is None:
         max_tokens = _int(obj, "max_tokens", 1, MAX_REPLY_TOKENS)
     return ChatRequest(transcript=transcript, history=tuple(history), knowledge=knowledge, stream=stream,
-                       steps=_int(obj, "steps", 1, P.MAX_STEPS), max_tokens=max_tokens,
+                       steps=_int(obj, "steps", 1, min(max_steps, P.MAX_STEPS)), max_tokens=max_tokens,
                        temperature=None if temperature is None else float(temperature),
                        seed=_int(obj, "seed", 0, 2**63 - 1), canvas=canvas,
                        deadline_ms=_int(obj, "deadline_ms", 1, MAX_DEADLINE_MS))

@@ -86,6 +86,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8765, help="port (default: 8765; 0 picks a free one)")
     p.add_argument("--web", metavar="DIR", help="the page's files (default: the packaged page)")
     p.add_argument("--max-sessions", type=int, default=32, help="concurrent voice sessions (default: 32)")
+    g = p.add_argument_group("exposure and limits")
+    g.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                   help="a web page origin (https://host[:port]) allowed besides the server's own page and "
+                   "loopback pages; repeat for more, '*' for any")
+    g.add_argument("--token", default=os.environ.get("VOICE_TOKEN") or None,
+                   help="a token every route but /healthz requires (Authorization: Bearer, or ?token=); "
+                   "default: $VOICE_TOKEN. Needed to serve a non-loopback --host")
+    g.add_argument("--insecure", action="store_true", help="serve a non-loopback --host with no token")
+    g.add_argument("--certfile", metavar="PEM", help="TLS certificate: serve https:// and wss://")
+    g.add_argument("--keyfile", metavar="PEM", help="TLS private key (if not inside --certfile)")
+    g.add_argument("--max-steps", type=int, default=16, metavar="K",
+                   help="the largest steps a client may ask for (default: 16, or --steps if larger)")
+    g.add_argument("--idle-timeout", type=float, default=120.0, metavar="S",
+                   help="close a connection that sends nothing for S seconds (default: 120)")
+    g.add_argument("--no-turn-timeout", type=float, default=600.0, metavar="S",
+                   help="close a voice session with no turn for S seconds (default: 600)")
     _add_model_options(p)
     _add_session_options(p)
 
@@ -147,9 +163,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .services import Services
 
     session = _session_config(args)
+    options = ServerOptions(  # checked before the slow model loads
+        host=args.host, port=args.port, web_dir=Path(args.web) if args.web else None,
+        max_sessions=args.max_sessions, session=session, allow_origins=tuple(args.allow_origin),
+        token=args.token, insecure=args.insecure, certfile=Path(args.certfile) if args.certfile else None,
+        keyfile=Path(args.keyfile) if args.keyfile else None, max_steps=min(max(args.max_steps, args.steps), 64),
+        idle_timeout_s=args.idle_timeout, turnless_timeout_s=args.no_turn_timeout)
     services = Services.load(_model_options(args))
-    options = ServerOptions(host=args.host, port=args.port, web_dir=Path(args.web) if args.web else None,
-                            max_sessions=args.max_sessions, session=session)
     asyncio.run(run_server(services, options))
     return 0
 

@@ -8,6 +8,8 @@ packages keep roots of their own (`dllm.DLLMError`, `asr.ASRError`,
 """
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = ["VoiceError", "ProtocolError", "DeviceError", "ServiceLoadError"]
 
 
@@ -19,14 +21,16 @@ class ProtocolError(VoiceError, ValueError):
     """A client message that breaks the wire protocol.
 
     `code` is one of `voice.protocol.ErrorCode`; `fatal` says whether the
-    connection must close after the error event (the session cannot go on).
+    connection must close after the error event (the session cannot go on);
+    `request_id` is the id of the `/cleanup` request it answers, when known.
     """
 
-    def __init__(self, code: str, message: str, *, fatal: bool = False) -> None:
+    def __init__(self, code: str, message: str, *, fatal: bool = False, request_id: Any = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.fatal = fatal
+        self.request_id = request_id
 
     def __str__(self) -> str:
         return f"{self.code}: {self.message}"

@@ -38,7 +38,8 @@ __all__ = [
     "PROTOCOL_VERSION", "INPUT_SAMPLE_RATES", "OUTPUT_SAMPLE_RATES", "MAX_AUDIO_FRAME_BYTES",
     "MAX_TEXT_FRAME_BYTES", "MAX_MESSAGE_BYTES", "MAX_TEXT_CHARS", "MAX_KNOWLEDGE_CHARS", "MAX_STEPS",
     "ErrorCode", "SessionStart", "Audio", "InputEnd", "TextTurn", "Interrupt", "ClientMessage",
-    "CleanupRequest", "parse_frame", "parse_json", "parse_cleanup", "request_id", "parse_server_event", "build",
+    "CleanupRequest", "parse_frame", "parse_json", "parse_cleanup", "loads_object", "is_integer", "parse_server_event",
+    "build",
     "session_ready", "speech_started", "speech_stopped", "transcript_partial", "transcript_final",
     "turn_cleaned", "turn_canvas", "turn_reply", "audio_start", "audio_end", "audio_flush", "turn_interrupted",
     "turn_done", "error", "cleanup_result", "cleanup_error", "error_code_for",
@@ -77,6 +78,10 @@ class ErrorCode:
     ASR_FAILED = "asr_failed"
     LLM_FAILED = "llm_failed"
     TTS_FAILED = "tts_failed"
+    IDLE = "idle_timeout"  # no message, or no turn, for too long: the server closes (1008)
+    TOO_FAST = "too_fast"  # audio sent faster than real time; frames dropped until the client slows down
+    FORBIDDEN = "forbidden"  # an Origin or Host the server does not allow (HTTP 403)
+    UNAUTHORIZED = "unauthorized"  # a missing or wrong token (HTTP 401)
     INTERNAL = "internal"
 
 
@@ -127,6 +132,31 @@ class CleanupRequest:
     text: str
 
 
+def loads_object(data: str | bytes) -> dict:
+    """Decode one JSON object from a client (a frame or an HTTP body): the one decoder every route uses.
+
+    Raises ValueError with a readable reason for text that does not parse, nesting
+    too deep for the parser, a value that is not an object, and strings holding a
+    lone surrogate (`"\\ud800"` is valid JSON but no valid text: it could not be
+    tokenized, logged or sent back).
+    """
+    try:
+        obj = json.loads(data)
+    except RecursionError:
+        raise ValueError("it is nested too deeply") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"it did not parse: {e}") from e
+    if not isinstance(obj, dict):
+        raise ValueError(f"it is a JSON {type(obj).__name__}, not an object")
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("it holds a string with a lone surrogate (not valid Unicode)") from None
+    except RecursionError:  # an object nested just below the parser's limit
+        raise ValueError("it is nested too deeply") from None
+    return obj
+
+
 def parse_json(data: str | bytes) -> dict:
     """Decode a text frame that must hold a JSON object.
 
@@ -136,21 +166,31 @@ def parse_json(data: str | bytes) -> dict:
         raise ProtocolError(ErrorCode.FRAME_TOO_LARGE,
                             f"text frame of {len(data)} bytes; at most {MAX_TEXT_FRAME_BYTES} are accepted")
     try:
-        obj = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ProtocolError(ErrorCode.BAD_JSON, f"text frames must be JSON objects; this one did not parse: {e}") from e
-    if not isinstance(obj, dict):
-        raise ProtocolError(ErrorCode.BAD_JSON, f"text frames must be JSON objects, got a JSON {type(obj).__name__}")
-    return obj
+        return loads_object(data)
+    except ValueError as e:
+        raise ProtocolError(ErrorCode.BAD_JSON, f"text frames must be JSON objects; this one is not: {e}") from None
+
+
+def is_integer(v: Any) -> bool:
+    """A JSON integer: an int (not a bool), or a float with no fraction. Huge values are integers too."""
+    if isinstance(v, bool):
+        return False
+    return isinstance(v, int) or isinstance(v, float) and math.isfinite(v) and v == int(v)
 
 
 def _int_field(obj: dict, name: str) -> int | None:
     v = obj.get(name)
     if v is None:
         return None
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v != int(v):
-        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"{name!r} must be an integer, got {v!r}")
+    if not is_integer(v):
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"{name!r} must be an integer, got {_short(v)}")
     return int(v)
+
+
+def _short(v: Any) -> str:
+    """A client's value for an error message: its repr, cut short (a 401-digit number stays readable)."""
+    text = repr(v)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _rate(obj: dict, name: str, accepted: tuple[int, ...], default: int | None) -> int | None:
@@ -162,11 +202,11 @@ def _rate(obj: dict, name: str, accepted: tuple[int, ...], default: int | None) 
         return default
     if rate not in accepted:
         raise ProtocolError(ErrorCode.BAD_SAMPLE_RATE,
-                            f"{name} {rate} Hz is not supported; accepted rates: {list(accepted)}")
+                            f"{name} {_short(rate)} Hz is not supported; accepted rates: {list(accepted)}")
     return rate
 
 
-def _session_start(obj: dict) -> SessionStart:
+def _session_start(obj: dict, max_steps: int) -> SessionStart:
     if obj.get("sample_rate") is None:
         raise ProtocolError(ErrorCode.BAD_SAMPLE_RATE,
                             f"session.start needs 'sample_rate', one of {list(INPUT_SAMPLE_RATES)}")
@@ -181,15 +221,16 @@ def _session_start(obj: dict) -> SessionStart:
                                 f"'knowledge' has {len(knowledge)} characters; at most {MAX_KNOWLEDGE_CHARS}")
         knowledge = knowledge.strip() or None
     steps = _int_field(obj, "steps")
-    if steps is not None and not 1 <= steps <= MAX_STEPS:
-        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"'steps' must be between 1 and {MAX_STEPS}, got {steps}")
+    if steps is not None and not 1 <= steps <= max_steps:
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"'steps' must be between 1 and {max_steps} on this server, "
+                            f"got {_short(steps)}")
     canvas = obj.get("canvas", False)
     if not isinstance(canvas, bool):
         raise ProtocolError(ErrorCode.BAD_MESSAGE, "'canvas' must be true or false")
     deadline = _int_field(obj, "deadline_ms")
     if deadline is not None and not 1 <= deadline <= MAX_DEADLINE_MS:
         raise ProtocolError(ErrorCode.BAD_MESSAGE,
-                            f"'deadline_ms' must be between 1 and {MAX_DEADLINE_MS}, got {deadline}")
+                            f"'deadline_ms' must be between 1 and {MAX_DEADLINE_MS}, got {_short(deadline)}")
     return SessionStart(sample_rate=rate, knowledge=knowledge, steps=steps, output_sample_rate=out_rate,
                         canvas=canvas, deadline_ms=deadline)
 
@@ -210,11 +251,12 @@ _CLIENT_TYPES = ("session.start", "input.end", "text", "interrupt")
 _START_HINT = '{"type": "session.start", "sample_rate": N}'
 
 
-def parse_frame(data: str | bytes, *, started: bool) -> ClientMessage:
+def parse_frame(data: str | bytes, *, started: bool, max_steps: int = MAX_STEPS) -> ClientMessage:
     """Parse one frame a `/ws` client sent.
 
     `data` is a str for a text frame and bytes for a binary one (as websockets
-    delivers them); `started` says whether session.start was accepted already.
+    delivers them); `started` says whether session.start was accepted already;
+    `max_steps` is the server's bound on a session's `steps` (at most `MAX_STEPS`).
 
     Raises `ProtocolError` with the code to report; the frame is then dropped
     and the session carries on.
@@ -244,7 +286,7 @@ def parse_frame(data: str | bytes, *, started: bool) -> ClientMessage:
     if kind == "session.start":
         if started:
             raise ProtocolError(ErrorCode.ALREADY_STARTED, "session.start was already accepted; ignored")
-        return _session_start(obj)
+        return _session_start(obj, min(max_steps, MAX_STEPS))
     if not started:
         raise ProtocolError(ErrorCode.NOT_STARTED, f"{kind!r} before session.start; send {_START_HINT} first")
     if kind == "input.end":
@@ -255,28 +297,22 @@ def parse_frame(data: str | bytes, *, started: bool) -> ClientMessage:
 
 
 def parse_cleanup(data: str | bytes) -> CleanupRequest:
-    """Parse one `/cleanup` request. Raises `ProtocolError`; `e.id` is not known then,
-    so use `request_id(data)` to echo the id back if one was readable."""
+    """Parse one `/cleanup` request. Raises `ProtocolError`, whose `request_id` is the
+    request's "id" when the frame was a JSON object with a valid one (echo it back)."""
     if isinstance(data, (bytes, bytearray, memoryview)):
         raise ProtocolError(ErrorCode.BAD_MESSAGE, "/cleanup takes text frames of JSON, not binary frames")
     obj = parse_json(data)
     rid = obj.get("id")
-    if not (rid is None or isinstance(rid, (int, float)) and not isinstance(rid, bool)
+    if not (rid is None or isinstance(rid, float) and math.isfinite(rid) or isinstance(rid, int)
+            and not isinstance(rid, bool) and len(str(rid)) <= MAX_ID_CHARS
             or isinstance(rid, str) and len(rid) <= MAX_ID_CHARS):
         raise ProtocolError(ErrorCode.BAD_MESSAGE, f"'id' must be a string (up to {MAX_ID_CHARS} characters), "
-                            "a number or null")
-    return CleanupRequest(rid, _text(obj))
-
-
-def request_id(data: str | bytes) -> Any:
-    """The "id" of a /cleanup request if it can be read, else None (for error replies)."""
+                            f"a number (up to {MAX_ID_CHARS} digits) or null")
     try:
-        obj = json.loads(data)
-    except (ValueError, UnicodeDecodeError, TypeError):
-        return None
-    rid = obj.get("id") if isinstance(obj, dict) else None
-    ok = isinstance(rid, (int, float, str)) and not isinstance(rid, bool) and len(str(rid)) <= MAX_ID_CHARS
-    return rid if ok else None
+        return CleanupRequest(rid, _text(obj))
+    except ProtocolError as e:
+        e.request_id = rid
+        raise
 
 
 def parse_server_event(data: str) -> dict:

@@ -21,8 +21,10 @@ so a slow session slows its own client down.
 The server stays a thin shell: frames are parsed and events built by
 `voice.protocol`, HTTP bodies by `voice.api` (pure functions), the pipeline
 lives in the session, and this module only moves bytes, enforces the limits
-(frame and body size, session count, the time allowed before session.start)
-and keeps one connection's failure away from the others.
+(frame and body size, admission, idle time, audio pace, the largest `steps`),
+checks who is asking (`voice.access`: Origin, Host, token) and keeps one
+connection's failure away from the others. A client's bad message is answered
+with an `error` event or a clean close and logged as one line, never a traceback.
 """
 from __future__ import annotations
 
@@ -47,9 +49,11 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDisconnected, WebSocketState
 
+from . import access
 from . import api as A
 from . import protocol as P
-from .errors import ProtocolError
+from .errors import ProtocolError, VoiceError
+from .limits import AudioBudget
 from .metrics import CONTENT_TYPE_LATEST, Metrics
 from .pipeline import cancel_and_wait
 from .services import Services
@@ -77,8 +81,20 @@ class ServerOptions:
     Attributes:
         host, port: where to listen; port 0 picks a free port (see `VoiceServer.port`).
         web_dir: the page's files; None is the packaged page (`default_web_dir`).
-        max_sessions: concurrent /ws sessions; more are refused with `busy` (close 1013).
+        max_sessions: concurrent /ws connections, counted from the moment they open (before
+            session.start); more are refused with `busy` (close 1013).
         start_timeout_s: time a /ws client has to send a valid session.start.
+        idle_timeout_s: a connection (/ws or /cleanup) that sends nothing for this long, with no
+            turn or request of its own under way, is closed (`idle_timeout`, 1008).
+        turnless_timeout_s: a /ws session with no turn for this long (audio of silence only) is closed.
+        max_steps: the largest `steps` a client may ask for (session.start, the HTTP API).
+        audio_rate, audio_burst_s: input audio is accepted at `audio_rate` times real time after
+            a burst of `audio_burst_s` seconds; faster frames are dropped with `too_fast`.
+        allow_origins: origins allowed beside the page's own and loopback ones (`voice.access`).
+        token: when set, every route but /healthz needs it. Binding to anything but
+            loopback needs a token, or `insecure`.
+        insecure: serve a non-loopback address without a token (a warning is logged).
+        certfile, keyfile: serve HTTPS and WSS (PEM files; the key may sit in the certfile).
         max_start_errors: bad messages tolerated before session.start.
         max_cleanup_inflight: /cleanup requests one connection may have running.
         cleanup_timeout_s: limit on one cleanup request (WebSocket or HTTP) and one chat completion.
@@ -90,10 +106,37 @@ class ServerOptions:
     web_dir: Path | None = None
     max_sessions: int = 32
     start_timeout_s: float = 10.0
+    idle_timeout_s: float = 120.0
+    turnless_timeout_s: float = 600.0
+    max_steps: int = 16
+    audio_rate: float = 1.25
+    audio_burst_s: float = 10.0
+    allow_origins: tuple[str, ...] = ()
+    token: str | None = None
+    insecure: bool = False
+    certfile: Path | None = None
+    keyfile: Path | None = None
     max_start_errors: int = 8
     max_cleanup_inflight: int = 32
     cleanup_timeout_s: float = 120.0
     session: SessionConfig = field(default_factory=SessionConfig)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_steps <= P.MAX_STEPS:
+            raise VoiceError(f"max_steps must be between 1 and {P.MAX_STEPS}, got {self.max_steps}")
+        if self.keyfile is not None and self.certfile is None:
+            raise VoiceError("a key file needs its certificate file (--certfile)")
+        if not access.is_loopback(self.host) and self.token is None and not self.insecure:
+            raise VoiceError(f"serving on {self.host!r} opens the server to the network: give a token "
+                             "(--token or VOICE_TOKEN), or pass --insecure to serve without one")
+        try:
+            self.policy  # noqa: B018 - checks the origins and the token
+        except ValueError as e:
+            raise VoiceError(str(e)) from e
+
+    @property
+    def policy(self) -> access.AccessPolicy:
+        return access.AccessPolicy(bind_host=self.host, allow_origins=self.allow_origins, token=self.token)
 
 
 class _Gone(Exception):
@@ -105,6 +148,8 @@ class _Socket:
 
     def __init__(self, ws: WebSocket) -> None:
         self.ws = ws
+        client = ws.client
+        self.name = f"{ws.url.path} from {client.host}:{client.port}" if client else ws.url.path  # for the log
 
     async def recv(self) -> str | bytes:
         msg = await self.ws.receive()
@@ -154,9 +199,10 @@ class VoiceServer:
         self.services = services
         self.options = options
         self.sessions: dict[str, VoiceSession] = {}
+        self.voice_connections = 0  # open /ws connections, started or not: what max_sessions bounds
         self.cleanup_connections = 0
         self.metrics = Metrics(lambda: self.sessions, services.engine)
-        self.app = self._app()
+        self.app = self._guarded(self._app())
         self._uvicorn: _Uvicorn | None = None
         self._serving: asyncio.Task | None = None
         self._socket: socket.socket | None = None
@@ -178,7 +224,9 @@ class VoiceServer:
             self.app, ws="websockets-sansio", lifespan="off", log_config=None, access_log=False,
             ws_max_size=P.MAX_MESSAGE_BYTES,  # past this, the connection closes with 1009
             ws_per_message_deflate=False,  # PCM does not compress; JSON events are small
-            ws_ping_interval=20, ws_ping_timeout=20, timeout_graceful_shutdown=5)
+            ws_ping_interval=20, ws_ping_timeout=20, timeout_graceful_shutdown=5,
+            server_header=False,  # no "Server: uvicorn": the version tells an attacker what to try
+            ssl_certfile=self.options.certfile, ssl_keyfile=self.options.keyfile)
         self._uvicorn = _Uvicorn(config)
         self._serving = asyncio.create_task(self._uvicorn.serve(sockets=[self._socket]), name="uvicorn")
         while not self._uvicorn.started:
@@ -186,7 +234,11 @@ class VoiceServer:
                 await self._serving
                 raise RuntimeError("the HTTP server stopped while starting")
             await asyncio.sleep(0.01)
-        log.info("listening on http://%s:%d/ (ws: /ws, /cleanup; http: /v1/...)", self.options.host, self.port)
+        log.info("listening on %s://%s:%d/ (ws: /ws, /cleanup; http: /v1/...)",
+                 "https" if self.options.certfile else "http", self.options.host, self.port)
+        if self.options.insecure and not access.is_loopback(self.options.host) and self.options.token is None:
+            log.warning("serving %s with no token (--insecure): anyone who can reach the port can use it",
+                        self.options.host)
 
     @property
     def port(self) -> int:
@@ -195,7 +247,7 @@ class VoiceServer:
 
     @property
     def url(self) -> str:
-        return f"ws://{self.options.host}:{self.port}"
+        return f"{'wss' if self.options.certfile else 'ws'}://{self.options.host}:{self.port}"
 
     async def close(self) -> None:
         if self._uvicorn is not None and self._serving is not None:
@@ -221,6 +273,28 @@ class VoiceServer:
             log.info("shutting down")
             await self.close()
 
+    def _guarded(self, app: Starlette):
+        """`app` behind `voice.access.check`: a refused request gets 401 or 403 in the API's error
+        shape; a refused WebSocket handshake gets a bare 403 (the reason goes to the log)."""
+        policy = self.options.policy
+
+        async def guard(scope, receive, send) -> None:
+            if scope["type"] in ("http", "websocket"):
+                headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+                denied = access.check(policy, path=scope["path"], headers=headers,
+                                      query=scope.get("query_string", b"").decode("latin-1"))
+                if denied is not None:
+                    log.info("refused %s %s: %s", scope["type"], scope["path"], denied.message)
+                    self.metrics.errors.labels(denied.code).inc()
+                    if scope["type"] == "websocket":  # refused in the handshake: uvicorn answers 403
+                        await send({"type": "websocket.close", "code": 1008, "reason": denied.message[:120]})
+                        return
+                    body = A.error_body(denied.status, denied.message, code=denied.code)
+                    await JSONResponse(body, denied.status)(scope, receive, send)
+                    return
+            await app(scope, receive, send)
+        return guard
+
     def _app(self) -> Starlette:
         return Starlette(routes=[
             WebSocketRoute("/ws", self._ws(self._voice)),
@@ -243,7 +317,11 @@ class VoiceServer:
         name = request.path_params.get("name", "index.html")
         if name in self._files:
             body, ctype = self._files[name]
-            return Response(body, media_type=ctype, headers={"Cache-Control": "no-cache"})
+            response = Response(body, media_type=ctype, headers={"Cache-Control": "no-cache"})
+            if self.options.token is not None and "token" in request.query_params:  # checked by the guard
+                response.set_cookie(access.TOKEN_COOKIE, request.query_params["token"], httponly=True,
+                                    samesite="strict", secure=self.options.certfile is not None)
+            return response
         if name == "index.html":
             return PlainTextResponse("the page's files (web/) were not found; reinstall the package "
                                      "or pass --web DIR\n", 404)
@@ -254,8 +332,9 @@ class VoiceServer:
                                  headers={"Upgrade": "websocket"})
 
     async def _healthz(self, request: Request) -> Response:
-        return JSONResponse({"status": "ok", "sessions": len(self.sessions),
-                             "model": getattr(self.services.engine, "name", "model"), "steps": self.services.steps})
+        # The model's name only: /healthz is open to anyone, and paths tell about the machine.
+        return JSONResponse({"status": "ok", "sessions": len(self.sessions), "model": self.model,
+                             "steps": self.services.steps})
 
     async def _metrics(self, request: Request) -> Response:
         return Response(self.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
@@ -298,7 +377,7 @@ class VoiceServer:
         return JSONResponse(A.models(self.model))
 
     async def _cleanup_http(self, request: Request) -> Response:
-        body = A.parse_cleanup_body(await self._json(request))
+        body = A.parse_cleanup_body(await self._json(request), max_steps=self.options.max_steps)
         steps, t0 = body.steps or self.services.steps, time.perf_counter()
         calls = [self.services.engine.cleanup(t, steps=steps) for t in body.texts]
         results = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True),
@@ -320,7 +399,7 @@ class VoiceServer:
     async def _chat(self, request: Request) -> Response:
         from dllm import Turn
 
-        req = A.parse_chat(await self._json(request))
+        req = A.parse_chat(await self._json(request), max_steps=self.options.max_steps)
         kw: dict[str, Any] = {k: v for k, v in (("temperature", req.temperature), ("seed", req.seed),
                                                 ("reply_tokens", req.max_tokens)) if v is not None}
         if req.deadline_ms:
@@ -390,67 +469,122 @@ class VoiceServer:
             await sock.close()
         return endpoint
 
-    async def _await_start(self, ws: _Socket) -> P.SessionStart | None:
-        """Read frames until a valid session.start; None if the client gave up or ran out of chances."""
+    def _note(self, who: str, e: ProtocolError) -> None:
+        """Count and log, in one line, a client message that was refused."""
+        self.metrics.errors.labels(e.code).inc()
+        log.info("%s: refused: %s", who, e)
+
+    async def _end(self, ws: _Socket, who: str, why: _Close) -> None:
+        """Close a connection for `why`: its error event (if any), a log line, the close frame."""
+        log.info("%s: closing (%d): %s", who, why.close_code, why.message)
+        if why.code is not None:
+            self.metrics.errors.labels(why.code).inc()
+            await ws.send(why.event)
+        await ws.close(why.close_code, why.reason)
+
+    async def _await_start(self, ws: _Socket) -> P.SessionStart | _Close:
+        """Read frames until a valid session.start, or the reason to give up on the client."""
         errors = 0
         try:
             async with asyncio.timeout(self.options.start_timeout_s):
                 while True:
                     data = await ws.recv()
                     try:
-                        msg = P.parse_frame(data, started=False)
+                        msg = P.parse_frame(data, started=False, max_steps=self.options.max_steps)
                     except ProtocolError as e:
                         errors += 1
-                        self.metrics.errors.labels(e.code).inc()
+                        self._note(ws.name, e)
                         await ws.send(P.error(e.code, e.message))
                         if errors >= self.options.max_start_errors:
-                            await ws.close(1008, "too many bad messages before session.start")
-                            return None
+                            return _Close(None, f"{errors} bad messages before session.start",
+                                          "too many bad messages before session.start")
                         continue
                     assert isinstance(msg, P.SessionStart)
                     return msg
         except TimeoutError:
-            self.metrics.errors.labels(P.ErrorCode.NOT_STARTED).inc()
-            await ws.send(P.error(P.ErrorCode.NOT_STARTED,
-                                  f"no valid session.start within {self.options.start_timeout_s:g} s; closing"))
-            await ws.close(1008, "no session.start")
-            return None
+            return _Close(P.ErrorCode.NOT_STARTED,
+                          f"no valid session.start within {self.options.start_timeout_s:g} s; closing",
+                          "no session.start")
 
     async def _voice(self, ws: _Socket) -> None:
-        if len(self.sessions) >= self.options.max_sessions:
-            self.metrics.errors.labels(P.ErrorCode.BUSY).inc()
-            await ws.send(P.error(P.ErrorCode.BUSY, f"the server is at its limit of {self.options.max_sessions} "
-                                  "sessions; try again later"))
-            await ws.close(1013, "too many sessions")
+        # Counted when the socket opens, with no await between the test and the count: a
+        # burst of connections cannot all pass the test before any of them is counted.
+        if self.voice_connections >= self.options.max_sessions:
+            await self._end(ws, ws.name, _Close(P.ErrorCode.BUSY, f"the server is at its limit of "
+                                                f"{self.options.max_sessions} sessions; try again later",
+                                                "too many sessions", 1013))
             return
+        self.voice_connections += 1
+        try:
+            await self._voice_session(ws)
+        finally:
+            self.voice_connections -= 1
+
+    async def _voice_session(self, ws: _Socket) -> None:
         start = await self._await_start(ws)
-        if start is None:
+        if isinstance(start, _Close):
+            await self._end(ws, ws.name, start)
             return
         session = VoiceSession(self.services, SessionConfig.from_start(start, self.options.session))
         self.sessions[session.id] = session
         self.metrics.sessions_opened.inc()
-        log.info("session %s started (%d Hz in, %d Hz out)", session.id, start.sample_rate, session.output_rate)
+        log.info("session %s started (%s, %d Hz in, %d Hz out)", session.id, ws.name, start.sample_rate,
+                 session.output_rate)
         reader = sender = None
+        why: _Close | None = None
         try:
             await session.start()
             sender = asyncio.create_task(self._send_events(ws, session), name=f"ws-{session.id}-send")
             reader = asyncio.create_task(self._read_frames(ws, session), name=f"ws-{session.id}-read")
-            await asyncio.wait({reader, sender}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait({reader, sender}, return_when=asyncio.FIRST_COMPLETED)
+            if reader in done and not isinstance(reader.exception(), _Gone):
+                if reader.exception() is not None:  # a bug: say so in the log, end only this session
+                    log.error("session %s: reading frames failed", session.id, exc_info=reader.exception())
+                    why = _Close(None, "reading frames failed", "internal error", 1011)
+                else:
+                    why = reader.result()
             if session.failed is not None:
-                await ws.close(1011, "the session failed")
+                why = _Close(None, "the session failed", "the session failed", 1011)
         finally:
             await cancel_and_wait((reader, sender), 2.0)
             await session.close()
             self.sessions.pop(session.id, None)
             log.info("session %s ended", session.id)
+        if why is not None:
+            await self._end(ws, f"session {session.id}", why)
 
-    async def _read_frames(self, ws: _Socket, session: VoiceSession) -> None:
-        async for data in ws:
+    async def _read_frames(self, ws: _Socket, session: VoiceSession) -> _Close:
+        """Feed the session until the client goes (`_Gone`) or must be closed (the reason returned)."""
+        o, who = self.options, f"session {session.id}"
+        budget = AudioBudget(o.audio_rate, o.audio_burst_s, at=time.monotonic())
+        too_fast = False
+        while True:
+            try:
+                async with asyncio.timeout(o.idle_timeout_s):
+                    data = await ws.recv()
+            except TimeoutError:
+                if session.idle_since() is None:  # a turn is under way: its client may only be listening
+                    continue
+                return _Close(P.ErrorCode.IDLE, f"nothing received for {o.idle_timeout_s:g} s; closing", "idle")
+            since = session.idle_since()
+            if since is not None and time.monotonic() - since > o.turnless_timeout_s:
+                return _Close(P.ErrorCode.IDLE, f"no turn for {o.turnless_timeout_s:g} s; closing", "no turn")
             try:
                 msg = P.parse_frame(data, started=True)
             except ProtocolError as e:
+                self._note(who, e)
                 await session.emit(P.error(e.code, e.message))
                 continue
+            if isinstance(msg, P.Audio):
+                if not budget.take(len(msg.pcm) / 2 / session.config.input_sample_rate, at=time.monotonic()):
+                    if not too_fast:  # one error per spell of haste, not one per dropped frame
+                        e = ProtocolError(P.ErrorCode.TOO_FAST, f"audio is arriving faster than {o.audio_rate:g}x "
+                                          "real time; frames are dropped until it slows down")
+                        self._note(who, e)
+                        await session.emit(P.error(e.code, e.message))
+                    too_fast = True
+                    continue
+                too_fast = False
             await session.feed(msg)
 
     async def _send_events(self, ws: _Socket, session: VoiceSession) -> None:
@@ -493,24 +627,58 @@ class VoiceServer:
                 slots.release()
 
         sender = asyncio.create_task(send_results(), name="cleanup-send")
+        idle = self.options.idle_timeout_s
         try:
-            async for data in ws:
+            while not sender.done():
+                try:
+                    async with asyncio.timeout(idle):
+                        data = await ws.recv()
+                except TimeoutError:
+                    if running:
+                        continue
+                    why = _Close(P.ErrorCode.IDLE, f"no request for {idle:g} s; closing", "idle")
+                    log.info("%s: closing (%d): %s", ws.name, why.close_code, why.message)
+                    self.metrics.errors.labels(why.code).inc()
+                    await out.put(P.cleanup_error(None, why.code, why.message))
+                    await _drain(out, sender)
+                    await ws.close(why.close_code, why.reason)
+                    return
                 try:
                     req = P.parse_cleanup(data)
                 except ProtocolError as e:
-                    rid = P.request_id(data) if isinstance(data, str) else None
-                    self.metrics.errors.labels(e.code).inc()
-                    await out.put(P.cleanup_error(rid, e.code, e.message))
+                    self._note(ws.name, e)
+                    await out.put(P.cleanup_error(e.request_id, e.code, e.message))
                     continue
                 await slots.acquire()
                 task = asyncio.create_task(clean(req), name="cleanup-request")
                 running.add(task)
                 task.add_done_callback(running.discard)
-                if sender.done():
-                    break
         finally:  # the client is gone: its running requests leave the engine's batches
             await cancel_and_wait([*running, sender], 2.0)
             self.cleanup_connections -= 1
+
+
+async def _drain(queue: asyncio.Queue, sender: asyncio.Task, timeout: float = 2.0) -> None:
+    """Wait (a little) until `sender` has taken everything from `queue`."""
+    deadline = time.monotonic() + timeout
+    while not queue.empty() and not sender.done() and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+
+
+@dataclass(frozen=True)
+class _Close:
+    """Why the server ends a connection: the error event to send first (when `code` is set),
+    the line to log, and the close frame's code and reason."""
+
+    code: str | None
+    message: str
+    reason: str
+    close_code: int = 1008
+
+    @property
+    def event(self) -> str:
+        assert self.code is not None
+        return P.error(self.code, self.message)
 
 
 def _api_error(exc: BaseException) -> tuple[int, str, str]:

@@ -425,6 +425,7 @@ class VoiceSession:
         self._tasks: list[asyncio.Task] = []
         self.failed: BaseException | None = None
         self.errors = 0
+        self.started_at = now()
 
     # ----- lifecycle
 
@@ -465,6 +466,17 @@ class VoiceSession:
         """Cancel every stage now (the client went away) and close the outbox."""
         await cancel_and_wait(self._tasks, timeout)
         await self.outbox.close()
+
+    def idle_since(self) -> float | None:
+        """When the last turn ended (the session's start before the first), on the `frames.now` clock;
+        None while the user is speaking or a turn is being computed or played."""
+        t = now()
+        if self.input.utterance is not None or self.conversation.active(t) is not None:
+            return None
+        cur = self.conversation.current
+        if cur is None:
+            return self.started_at
+        return max(cur.started, cur.finished_at or 0.0, cur.interrupted_at or 0.0)
 
     @property
     def running(self) -> bool:
@@ -526,7 +538,7 @@ class VoiceSession:
             if isinstance(exc, RuntimeError) and "speech recognizer" in str(exc):
                 code, message = P.ErrorCode.ASR_FAILED, str(exc)
         log.warning("session %s: %s on %s: %s", self.id, code, type(frame).__name__, exc,
-                    exc_info=code == P.ErrorCode.INTERNAL)
+                    exc_info=exc if code == P.ErrorCode.INTERNAL else None)
         await self.emit(P.error(code, message, turn_id=record.turn_id if record else None))
         if record is not None:
             if record.first_audio is not None and record.finished_at is None:

@@ -10,7 +10,10 @@ once per semi-autoregressive block and reused within it.
 
 The async side (`start`, `respond`, `cleanup`) queues requests in a bounded
 queue; one worker forms batches of one canvas shape and runs them on a single
-model thread, so the event loop stays free for sockets.
+model thread, so the event loop stays free for sockets. The queue is served
+fairly: the more urgent requests first (`priority`: interactive turns ahead of
+bulk cleanup), and among those round-robin by `client`, so that one client's
+flood adds at most a batch's time to another client's request.
 """
 from __future__ import annotations
 
@@ -36,6 +39,8 @@ from .turn import Encoded, Turn, TurnLayout, TurnResult, decode_field, encode_tu
 log = logging.getLogger(__name__)
 
 CACHE_MODES = ("auto", "exact", "approx", "none")
+PRIORITY_BULK = 0  # the default: batch work, such as transcript cleanup
+PRIORITY_INTERACTIVE = 1  # someone is waiting to hear the answer
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,8 @@ class _Pending:
     seed: int | None = None  # None: the engine's seed
     on_canvas: Callable[[CanvasStep], None] | None = None  # the anytime canvas, called on the event loop
     deadline: float | None = None  # time.monotonic() by which the pass ends (the batch keeps the earliest)
+    client: object = None  # who asked: batches are shared round-robin between clients
+    priority: int = PRIORITY_BULK  # higher waits less: it goes first, and only its peers count as a full queue
     key: tuple = field(init=False)
 
     def __post_init__(self) -> None:
@@ -91,6 +98,8 @@ class Engine:
         self.forward_calls = 0  # model calls made by the sampler, for tests and benchmarks
         self._repeat_ok_cache: Tensor | None = None
         self._pending: deque[_Pending] = deque()
+        self._batches = 0
+        self._last_served: dict[object, int] = {}  # client -> number of the last batch it had a request in
         self._wake = asyncio.Event()
         self._worker: asyncio.Task | None = None
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dllm")
@@ -249,31 +258,37 @@ class Engine:
     async def respond(self, turn: Turn, *, steps: int | None = None, temperature: float | None = None,
                       seed: int | None = None, reply_tokens: int | None = None,
                       on_canvas: Callable[[CanvasStep], None] | None = None,
-                      deadline: float | None = None) -> TurnResult:
+                      deadline: float | None = None, client: object = None,
+                      priority: int = PRIORITY_BULK) -> TurnResult:
         """Clean the transcript and write a reply, in one pass. Cancel the
         awaiting task to withdraw the request (it leaves its batch).
 
         Optional: `temperature` and `seed` for sampling, `reply_tokens` (the
         reply field's length), `on_canvas` (called on the event loop with each
-        step's `CanvasStep`) and `deadline` (a `time.monotonic()` value; see
-        `dllm.sampler.denoise`).
+        step's `CanvasStep`), `deadline` (a `time.monotonic()` value; see
+        `dllm.sampler.denoise`), and for the queue's fairness `client` (any
+        hashable naming who asked) and `priority` (`PRIORITY_INTERACTIVE` for
+        a turn someone is waiting on).
         """
         sampler = self._sampler(steps)
         if temperature is not None:
             sampler = replace(sampler, temperature=temperature)
         layout = None if reply_tokens is None else replace(self.options.layout, reply_tokens=reply_tokens)
-        return await self._submit(self.encode(turn, layout=layout), sampler,
-                                  seed=seed, on_canvas=on_canvas, deadline=deadline)
+        return await self._submit(self.encode(turn, layout=layout), sampler, seed=seed, on_canvas=on_canvas,
+                                  deadline=deadline, client=client, priority=priority)
 
-    async def cleanup(self, text: str, *, steps: int | None = None) -> TurnResult:
-        """Clean a transcript only (no reply field; a shorter canvas)."""
-        return await self._submit(self.encode(Turn(text), with_reply=False), self._sampler(steps))
+    async def cleanup(self, text: str, *, steps: int | None = None, client: object = None,
+                      priority: int = PRIORITY_BULK) -> TurnResult:
+        """Clean a transcript only (no reply field; a shorter canvas). `client`, `priority`: as for `respond`."""
+        return await self._submit(self.encode(Turn(text), with_reply=False), self._sampler(steps),
+                                  client=client, priority=priority)
 
     async def _submit(self, enc: Encoded, sampler: SamplerOptions, **extra) -> TurnResult:
         if self._closed:
             raise EngineClosed("the engine was shut down")
         await self.start()
-        live = sum(1 for p in self._pending if not p.future.done())
+        priority = extra.get("priority", PRIORITY_BULK)
+        live = sum(1 for p in self._pending if not p.future.done() and p.priority >= priority)
         if live >= self.options.max_queue:
             raise EngineBusy(f"the engine has {live} requests waiting (max_queue={self.options.max_queue}); retry later")
         pending = _Pending(enc, sampler, asyncio.get_running_loop().create_future(), **extra)
@@ -282,17 +297,32 @@ class Engine:
         return await pending.future
 
     def _take_batch(self) -> list[_Pending]:
-        while self._pending and self._pending[0].future.done():  # cancelled while waiting
-            self._pending.popleft()
-        if not self._pending:
+        """The next batch. Its lead is the most urgent request of the client served longest ago;
+        requests of the lead's shape join one client at a time (round-robin), oldest first."""
+        live = [p for p in self._pending if not p.future.done()]  # done: cancelled while waiting
+        if not live:
+            self._pending.clear()
             return []
-        key = self._pending[0].key
-        batch, rest = [], deque()
-        for p in self._pending:
-            if p.future.done():
-                continue
-            (batch if p.key == key and len(batch) < self.options.max_batch else rest).append(p)
-        self._pending = rest
+        order = lambda p: (-p.priority, self._last_served.get(p.client, -1))  # noqa: E731 - stable: FIFO on ties
+        key = min(live, key=order).key
+        queues: dict[object, deque[_Pending]] = {}
+        for p in sorted((p for p in live if p.key == key), key=order):
+            queues.setdefault(p.client, deque()).append(p)
+        batch: list[_Pending] = []
+        while queues and len(batch) < self.options.max_batch:
+            for client in list(queues):
+                if len(batch) < self.options.max_batch:
+                    batch.append(queues[client].popleft())
+                if not queues[client]:
+                    del queues[client]
+        taken = {id(p) for p in batch}
+        self._pending = deque(p for p in live if id(p) not in taken)
+        self._batches += 1
+        for p in batch:
+            self._last_served[p.client] = self._batches
+        if len(self._last_served) > 4 * self.options.max_queue:  # forget clients with nothing waiting
+            waiting = {p.client for p in self._pending}
+            self._last_served = {c: n for c, n in self._last_served.items() if c in waiting}
         return batch
 
     async def _work(self) -> None:

@@ -288,3 +288,38 @@ def test_kernel_confidence_agrees_with_sampler_scores():
             tok_b, conf_b = score(logits, kind, temperature, n, fused=True)
             assert torch.equal(tok_a, tok_b)
             torch.testing.assert_close(conf_a, conf_b, rtol=1e-4, atol=1e-5)
+
+
+async def _batches_until(eng, flood: list[asyncio.Task], witness: asyncio.Task) -> int:
+    """How many batches had run when `witness` finished (the engine's batch counter)."""
+    await witness
+    n = eng._batches
+    await asyncio.gather(*flood)
+    return n
+
+
+async def test_queue_is_round_robin_across_clients():
+    """One client's 8 queued requests do not make another client's request wait behind all of them."""
+    eng = make_tiny_engine(max_batch=2, batch_window_ms=20)
+    try:
+        flood = [asyncio.create_task(eng.cleanup("um so i i think we should go", client="flood")) for _ in range(8)]
+        await asyncio.sleep(0)
+        other = asyncio.create_task(eng.cleanup("um so i i think we should go", client="other"))
+        assert await _batches_until(eng, flood, other) == 1  # FIFO would run it in the fifth batch
+    finally:
+        await eng.close()
+
+
+async def test_interactive_turns_go_ahead_of_bulk_cleanup():
+    """A voice turn queued behind a cleanup flood runs next, and a full bulk queue does not refuse it."""
+    from dllm.engine import PRIORITY_INTERACTIVE
+    eng = make_tiny_engine(max_batch=2, max_queue=6, batch_window_ms=20)
+    try:
+        flood = [asyncio.create_task(eng.cleanup(q, client="flood")) for q in QUESTIONS[:3] * 2]
+        await asyncio.sleep(0)
+        with pytest.raises(EngineBusy):  # the queue is full for bulk work
+            await eng.cleanup("one too many", client="flood")
+        turn = asyncio.create_task(eng.respond(Turn("hello"), client="voice", priority=PRIORITY_INTERACTIVE))
+        assert await _batches_until(eng, flood, turn) == 1
+    finally:
+        await eng.close()

@@ -343,3 +343,26 @@ async def test_tls(services, tmp_path):
             with urllib.request.urlopen(f"https://127.0.0.1:{s.port}/healthz", context=trust, timeout=10) as r:
                 return r.status
         assert await asyncio.to_thread(get) == 200
+
+
+# ----- sharing the engine
+
+async def test_cleanup_flood_does_not_starve_voice_turns(services):
+    """Three /cleanup connections sending 32 requests each: every typed turn of a voice session still completes."""
+    async with serving(services) as s:
+        client = await ready(s)
+
+        async def flood() -> list[dict]:
+            async with connect(s.url + "/cleanup") as ws:
+                for i in range(32):
+                    await ws.send(json.dumps({"id": i, "text": "um so i i think we should go"}))
+                return [json.loads(await asyncio.wait_for(ws.recv(), 120)) for _ in range(32)]
+
+        floods = [asyncio.create_task(flood()) for _ in range(3)]
+        await asyncio.sleep(0.05)
+        for _ in range(3):
+            await answers(client)
+        assert not client.of("error")
+        replies = [r for f in await asyncio.gather(*floods) for r in f]
+        assert len(replies) == 96 and not [r for r in replies if r["type"] == "error"]
+        await client.close()

@@ -312,7 +312,7 @@ async def test_model_error_becomes_an_error_event_and_the_session_goes_on():
     from dllm import RequestError
 
     class Failing(ScriptedEngine):
-        async def respond(self, turn, *, steps=None):
+        async def respond(self, turn, *, steps=None, **options):
             if len(self.calls) == 0:
                 self.calls.append(turn)
                 raise RequestError("transcript too long: 300 tokens, at most 124 are accepted")

@@ -78,7 +78,7 @@ class ScriptedEngine:
         return TurnResult(raw=turn.transcript, cleaned=cleaned, reply=self.reply, steps=steps or 8,
                           canvas=72, ms=self.delay * 1000)
 
-    async def cleanup(self, text, *, steps=None):
+    async def cleanup(self, text, *, steps=None, **options):
         from dllm import TurnResult
         await asyncio.sleep(self.delay)
         return TurnResult(raw=text, cleaned=text.strip().capitalize(), reply="", steps=steps or 8, canvas=24,

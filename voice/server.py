@@ -117,7 +117,7 @@ class ServerOptions:
     certfile: Path | None = None
     keyfile: Path | None = None
     max_start_errors: int = 8
-    max_cleanup_inflight: int = 32
+    max_cleanup_inflight: int = 16
     cleanup_timeout_s: float = 120.0
     session: SessionConfig = field(default_factory=SessionConfig)
 
@@ -379,7 +379,7 @@ class VoiceServer:
     async def _cleanup_http(self, request: Request) -> Response:
         body = A.parse_cleanup_body(await self._json(request), max_steps=self.options.max_steps)
         steps, t0 = body.steps or self.services.steps, time.perf_counter()
-        calls = [self.services.engine.cleanup(t, steps=steps) for t in body.texts]
+        calls = [self.services.engine.cleanup(t, steps=steps, client=_http_client(request)) for t in body.texts]
         results = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True),
                                          self.options.cleanup_timeout_s)
         for i, r in enumerate(results):
@@ -400,8 +400,11 @@ class VoiceServer:
         from dllm import Turn
 
         req = A.parse_chat(await self._json(request), max_steps=self.options.max_steps)
+        from dllm.engine import PRIORITY_INTERACTIVE  # a chat is a turn someone (a voice stack) waits on
+
         kw: dict[str, Any] = {k: v for k, v in (("temperature", req.temperature), ("seed", req.seed),
                                                 ("reply_tokens", req.max_tokens)) if v is not None}
+        kw.update(client=_http_client(request), priority=PRIORITY_INTERACTIVE)
         if req.deadline_ms:
             kw["deadline"] = time.monotonic() + req.deadline_ms / 1000
         canvases: asyncio.Queue = asyncio.Queue()  # at most K items: one per step
@@ -607,7 +610,8 @@ class VoiceServer:
         async def clean(req: P.CleanupRequest) -> None:
             t0 = time.perf_counter()
             try:
-                res = await asyncio.wait_for(self.services.engine.cleanup(req.text, steps=self.services.steps),
+                res = await asyncio.wait_for(self.services.engine.cleanup(req.text, steps=self.services.steps,
+                                                                          client=ws.name),
                                              self.options.cleanup_timeout_s)
                 cleaned = res if isinstance(res, str) else res.cleaned
                 ms = (time.perf_counter() - t0) * 1000
@@ -679,6 +683,12 @@ class _Close:
     def event(self) -> str:
         assert self.code is not None
         return P.error(self.code, self.message)
+
+
+def _http_client(request: Request) -> str:
+    """Who an HTTP request is from, for the engine's round-robin: its address (a client's
+    connections and requests share one turn)."""
+    return f"http {request.client.host}" if request.client else "http"
 
 
 def _api_error(exc: BaseException) -> tuple[int, str, str]:

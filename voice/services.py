@@ -64,8 +64,9 @@ class ModelOptions:
 class Services:
     """Loaded models. `transcriber` or `synthesizer` may be None (text-only use)."""
 
-    # dllm.Engine, or anything with async respond(turn, steps=) and cleanup(text, steps=); respond also
-    # gets on_canvas= and deadline= when a session asks, and temperature=, seed=, reply_tokens= from the chat API.
+    # dllm.Engine, or anything with async respond(turn, steps=) and cleanup(text, steps=); both also get
+    # client= and priority= (the queue's fairness), respond gets on_canvas= and deadline= when a session
+    # asks, and temperature=, seed=, reply_tokens= from the chat API.
     engine: Any
     transcriber: Any | None = None  # asr.Transcriber
     synthesizer: Any | None = None  # tts.Synthesizer

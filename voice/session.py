@@ -290,9 +290,11 @@ class TurnStage(Stage):
     def __init__(self, session: VoiceSession) -> None:
         super().__init__(session.config.inbox_size, session._report)
         from dllm import Turn  # here, not per turn: the first import of torch takes seconds
+        from dllm.engine import PRIORITY_INTERACTIVE
 
         self.s = session
         self._Turn = Turn
+        self._priority = PRIORITY_INTERACTIVE
 
     async def process(self, frame: Frame) -> None:
         if not isinstance(frame, TranscriptReady):
@@ -300,7 +302,7 @@ class TurnStage(Stage):
             return
         record, cfg, t0 = frame.turn, self.s.config, now()
         turn = self._Turn(frame.text, history=self.s.conversation.history(before=record), knowledge=cfg.knowledge)
-        kw: dict = {}
+        kw: dict = {"client": self.s.id, "priority": self._priority}  # the engine's queue serves clients fairly
         if cfg.canvas:  # called on the loop by the engine, once per step
             kw["on_canvas"] = lambda c: record.interrupted_at is None and self.s.outbox.put_nowait(
                 P.turn_canvas(record.turn_id, step=c.step, steps=c.steps, cleaned=c.cleaned, reply=c.reply,

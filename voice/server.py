@@ -167,7 +167,9 @@ class _Socket:
             raise _Gone from e
 
     async def close(self, code: int = 1000, reason: str = "") -> None:
-        if self.ws.application_state == WebSocketState.CONNECTED:
+        # Not after the client's close, nor after uvicorn closed it (a message over the size
+        # limit: 1009): a second close is an error in uvicorn, logged with a traceback.
+        if self.ws.application_state == WebSocketState.CONNECTED == self.ws.client_state:
             with contextlib.suppress(WebSocketDisconnect, WebSocketDisconnected, OSError):
                 await self.ws.close(code, reason)
 

@@ -47,6 +47,9 @@ class TranscriberOptions:
             (a venue's names, say). Default None.
         vad_filter: run faster-whisper's own Silero VAD too. Default False:
             `asr.VAD` has already cut the utterance.
+        lead_silence_ms: silence put before the audio. Default 250. Whisper misreads a
+            clip that starts right on (or inside) the first word; chosen by
+            `scripts/asr_cut_sweep.py` over many cut points (docs/BENCHMARKS.md).
     """
 
     model: str | Path | None = None
@@ -57,6 +60,7 @@ class TranscriberOptions:
     language: str | None = "en"
     initial_prompt: str | None = None
     vad_filter: bool = False
+    lead_silence_ms: int = 250
 
     def __post_init__(self) -> None:
         if self.device not in ("cpu", "cuda", "auto"):
@@ -65,6 +69,8 @@ class TranscriberOptions:
             raise ValueError(f"cpu_threads must be at least 1, got {self.cpu_threads}")
         if self.beam_size < 1:
             raise ValueError(f"beam_size must be at least 1, got {self.beam_size}")
+        if not 0 <= self.lead_silence_ms <= 2000:
+            raise ValueError(f"lead_silence_ms must be within 0-2000, got {self.lead_silence_ms}")
 
 
 def _model_dir(options: TranscriberOptions) -> Path:
@@ -162,6 +168,8 @@ class Transcriber:
         x = _as_whisper_input(audio, sample_rate)
         if x.size == 0:
             return ""
+        if self.options.lead_silence_ms:
+            x = np.concatenate([np.zeros(SAMPLE_RATE * self.options.lead_silence_ms // 1000, np.float32), x])
         o = self.options
         try:
             with self._lock:

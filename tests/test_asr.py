@@ -109,6 +109,8 @@ def test_missing_model(tmp_path) -> None:
         Transcriber.load(TranscriberOptions(model=tmp_path))
     with pytest.raises(ValueError, match="device"):
         TranscriberOptions(device="tpu")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="lead_silence_ms"):
+        TranscriberOptions(lead_silence_ms=-5)
 
 
 # --- VAD -----------------------------------------------------------------------

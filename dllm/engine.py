@@ -51,6 +51,9 @@ class EngineOptions:
     layout: TurnLayout = TurnLayout()
     cache: str = "auto"  # auto: exact for prefix models, approx for bidirectional ones
     max_batch: int = 16
+    # Rows of a batch of bulk requests (None: max_batch). An interactive request waits
+    # behind the batch that is running; on a CPU a batch costs about its rows times one.
+    max_bulk_batch: int | None = None
     max_queue: int = 64  # waiting requests; past this, submit raises EngineBusy
     batch_window_ms: float = 2.0  # how long the worker waits to gather a batch
     seed: int = 0  # per-request seed for temperature > 0, so results repeat
@@ -58,8 +61,8 @@ class EngineOptions:
     def __post_init__(self) -> None:
         if self.cache not in CACHE_MODES:
             raise RequestError(f"cache must be one of {CACHE_MODES}, got {self.cache!r}")
-        if self.max_batch < 1 or self.max_queue < 1:
-            raise RequestError("max_batch and max_queue must be at least 1")
+        if self.max_batch < 1 or self.max_queue < 1 or (self.max_bulk_batch or 1) < 1:
+            raise RequestError("max_batch, max_bulk_batch and max_queue must be at least 1")
 
 
 @dataclass
@@ -304,14 +307,17 @@ class Engine:
             self._pending.clear()
             return []
         order = lambda p: (-p.priority, self._last_served.get(p.client, -1))  # noqa: E731 - stable: FIFO on ties
-        key = min(live, key=order).key
+        lead = min(live, key=order)
+        key, rows = lead.key, self.options.max_batch
+        if lead.priority <= PRIORITY_BULK and self.options.max_bulk_batch is not None:
+            rows = min(rows, self.options.max_bulk_batch)
         queues: dict[object, deque[_Pending]] = {}
         for p in sorted((p for p in live if p.key == key), key=order):
             queues.setdefault(p.client, deque()).append(p)
         batch: list[_Pending] = []
-        while queues and len(batch) < self.options.max_batch:
+        while queues and len(batch) < rows:
             for client in list(queues):
-                if len(batch) < self.options.max_batch:
+                if len(batch) < rows:
                     batch.append(queues[client].popleft())
                 if not queues[client]:
                     del queues[client]

@@ -323,3 +323,18 @@ async def test_interactive_turns_go_ahead_of_bulk_cleanup():
         assert await _batches_until(eng, flood, turn) == 1
     finally:
         await eng.close()
+
+
+async def test_bulk_batches_are_capped():
+    """With max_bulk_batch 2, queued cleanups run two at a time; an interactive batch may be as large as max_batch."""
+    from dllm.engine import PRIORITY_INTERACTIVE
+    eng = make_tiny_engine(max_batch=8, max_bulk_batch=2, batch_window_ms=20)
+    rows: list[int] = []
+    eng.on_batch = lambda n, calls, ms: rows.append(n)
+    try:
+        await asyncio.gather(*(eng.cleanup("um so i i think we should go", client=i) for i in range(6)))
+        assert rows == [2, 2, 2]
+        await asyncio.gather(*(eng.respond(Turn("hi"), priority=PRIORITY_INTERACTIVE) for _ in range(4)))
+        assert rows[-1] == 4
+    finally:
+        await eng.close()

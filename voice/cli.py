@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--insecure", action="store_true", help="serve a non-loopback --host with no token")
     g.add_argument("--certfile", metavar="PEM", help="TLS certificate: serve https:// and wss://")
     g.add_argument("--keyfile", metavar="PEM", help="TLS private key (if not inside --certfile)")
+    g.add_argument("--bulk-batch", type=int, metavar="N",
+                   help="rows of a batch of cleanup requests, which a voice turn may wait behind "
+                   "(default: 4 on cpu, the engine's 16 on cuda)")
     g.add_argument("--max-steps", type=int, default=16, metavar="K",
                    help="the largest steps a client may ask for (default: 16, or --steps if larger)")
     g.add_argument("--idle-timeout", type=float, default=120.0, metavar="S",
@@ -142,9 +145,12 @@ def _setup_logging(args: argparse.Namespace) -> None:
 def _model_options(args: argparse.Namespace):
     from .services import ModelOptions
     adapter = None if args.adapter.lower() == "none" else args.adapter
+    bulk = getattr(args, "bulk_batch", None)
+    if bulk is None and args.command == "serve" and args.device == "cpu":
+        bulk = 4  # on a CPU a batch costs about its rows times one request: keep voice turns' wait short
     return ModelOptions(model=args.model, device=args.device, steps=args.steps, adapter=adapter,
                         asr_model=getattr(args, "asr_model", None), voice=getattr(args, "voice", None),
-                        threads=args.threads)
+                        threads=args.threads, bulk_batch=bulk)
 
 
 def _knowledge(value: str | None) -> str | None:

@@ -39,6 +39,9 @@ class ModelOptions:
         threads: CPU threads for each model; None leaves torch's default.
         batch_window_ms: how long the engine waits to gather a batch; None
             keeps the engine's default.
+        bulk_batch: rows of a batch of cleanup requests (voice turns wait behind
+            the batch that runs: on a CPU it costs about its rows times one
+            request); None: the engine's max_batch.
         adapter: a LoRA adapter directory to merge; "default" leaves the
             choice to `dllm.load_engine` (the shipped voice adapter for the
             packaged model); None loads the bare base.
@@ -51,6 +54,7 @@ class ModelOptions:
     voice: str | Path | None = None
     threads: int | None = None
     batch_window_ms: float | None = None  # None: the engine's default
+    bulk_batch: int | None = None
     adapter: str | Path | None = "default"  # "default": dllm's choice (the shipped voice adapter); None: bare
 
     def __post_init__(self) -> None:
@@ -126,6 +130,7 @@ def load_engine(options: ModelOptions, times: dict[str, float] | None = None):
             engine_options = EngineOptions(sampler=SamplerOptions(steps=options.steps))
             if options.batch_window_ms is not None:
                 engine_options = replace(engine_options, batch_window_ms=options.batch_window_ms)
+            engine_options = replace(engine_options, max_bulk_batch=options.bulk_batch)
             kw: dict[str, Any] = {} if options.adapter == "default" else {"adapter": options.adapter}
             return dllm.load_engine(options.model, device=options.device, options=engine_options, **kw)
         except dllm.DLLMError as e:

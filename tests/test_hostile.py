@@ -366,3 +366,17 @@ async def test_cleanup_flood_does_not_starve_voice_turns(services):
         replies = [r for f in await asyncio.gather(*floods) for r in f]
         assert len(replies) == 96 and not [r for r in replies if r["type"] == "error"]
         await client.close()
+
+
+async def test_admission_refuses_when_turns_are_over_the_bound(services):
+    """With max_turn_ms below what turns take, new sessions get busy (1013) while admitted ones go on."""
+    async with serving(services, max_turn_ms=0.001) as s:
+        client = await ready(s)
+        for _ in range(3):
+            await answers(client)
+        refused = await Client.open(s.url + "/ws", start_session=False)
+        err = await refused.until("error")
+        assert err["code"] == "busy" and "capacity" in err["message"]
+        await closed_with(refused, 1013)
+        await answers(client)
+        await client.close()

@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: 4 on cpu, the engine's 16 on cuda)")
     g.add_argument("--max-steps", type=int, default=16, metavar="K",
                    help="the largest steps a client may ask for (default: 16, or --steps if larger)")
+    g.add_argument("--max-turn-ms", type=float, metavar="MS",
+                   help="refuse new voice sessions while the last minute's turns took a median of more than "
+                   "MS from the end of speech to the reply (default: no bound)")
     g.add_argument("--idle-timeout", type=float, default=120.0, metavar="S",
                    help="close a connection that sends nothing for S seconds (default: 120)")
     g.add_argument("--no-turn-timeout", type=float, default=600.0, metavar="S",
@@ -174,7 +177,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_sessions=args.max_sessions, session=session, allow_origins=tuple(args.allow_origin),
         token=args.token, insecure=args.insecure, certfile=Path(args.certfile) if args.certfile else None,
         keyfile=Path(args.keyfile) if args.keyfile else None, max_steps=min(max(args.max_steps, args.steps), 64),
-        idle_timeout_s=args.idle_timeout, turnless_timeout_s=args.no_turn_timeout)
+        idle_timeout_s=args.idle_timeout, turnless_timeout_s=args.no_turn_timeout, max_turn_ms=args.max_turn_ms)
     services = Services.load(_model_options(args))
     asyncio.run(run_server(services, options))
     return 0

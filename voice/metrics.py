@@ -19,6 +19,9 @@ hook; gauges (sessions, queue depths) are read when scraped.
 from __future__ import annotations
 
 import json
+import statistics
+import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -49,6 +52,7 @@ class Metrics:
     """The metrics of one server. `sessions` returns the open sessions, `engine` is the dLLM engine."""
 
     def __init__(self, sessions: Callable[[], dict], engine: Any) -> None:
+        self.recent_reply_ms: deque[tuple[float, float]] = deque(maxlen=32)  # (time.monotonic(), reply_ms)
         self.registry = r = CollectorRegistry()
         self._sessions, self._engine = sessions, engine
         self.stage = Histogram("voice_stage_seconds", "Latency of each stage of a turn", ["stage"],
@@ -100,11 +104,20 @@ class Metrics:
         elif kind == "turn.done":
             self.turns.labels("done").inc()
             timings = obj.get("timings") or {}
+            if isinstance(timings.get("reply_ms"), (int, float)):
+                self.recent_reply_ms.append((time.monotonic(), float(timings["reply_ms"])))
             for key, stage in STAGES.items():
                 if isinstance(timings.get(key), (int, float)):
                     self.stage.labels(stage).observe(timings[key] / 1000)
             if isinstance(obj.get("voice_to_voice_ms"), (int, float)):
                 self.stage.labels("voice_to_voice").observe(obj["voice_to_voice_ms"] / 1000)
+
+    def recent_turn_ms(self, window_s: float = 60.0, least: int = 3) -> float | None:
+        """The median `reply_ms` (end of speech or typing to the reply) of the turns done in the
+        last `window_s` seconds; None with fewer than `least` of them (nothing to judge by)."""
+        since = time.monotonic() - window_s
+        recent = [ms for t, ms in self.recent_reply_ms if t >= since]
+        return statistics.median(recent) if len(recent) >= least else None
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -87,6 +87,8 @@ class ServerOptions:
         idle_timeout_s: a connection (/ws or /cleanup) that sends nothing for this long, with no
             turn or request of its own under way, is closed (`idle_timeout`, 1008).
         turnless_timeout_s: a /ws session with no turn for this long (audio of silence only) is closed.
+        max_turn_ms: refuse new /ws sessions (`busy`, 1013) while the turns of the last minute took a
+            median of more than this long from the end of speech to the reply; None: no bound.
         max_steps: the largest `steps` a client may ask for (session.start, the HTTP API).
         audio_rate, audio_burst_s: input audio is accepted at `audio_rate` times real time after
             a burst of `audio_burst_s` seconds; faster frames are dropped with `too_fast`.
@@ -108,6 +110,7 @@ class ServerOptions:
     start_timeout_s: float = 10.0
     idle_timeout_s: float = 120.0
     turnless_timeout_s: float = 600.0
+    max_turn_ms: float | None = None
     max_steps: int = 16
     audio_rate: float = 1.25
     audio_burst_s: float = 10.0
@@ -518,6 +521,12 @@ class VoiceServer:
             await self._end(ws, ws.name, _Close(P.ErrorCode.BUSY, f"the server is at its limit of "
                                                 f"{self.options.max_sessions} sessions; try again later",
                                                 "too many sessions", 1013))
+            return
+        recent = self.metrics.recent_turn_ms() if self.options.max_turn_ms else None
+        if recent is not None and recent > self.options.max_turn_ms:  # admitting more would slow them further
+            await self._end(ws, ws.name, _Close(P.ErrorCode.BUSY, f"the server is at capacity: recent turns took "
+                                                f"{recent:.0f} ms, over its bound of {self.options.max_turn_ms:.0f} "
+                                                "ms; try again later", "at capacity", 1013))
             return
         self.voice_connections += 1
         try:

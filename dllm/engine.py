@@ -34,7 +34,7 @@ from .model import KVCache, Transformer
 from .canvas import CanvasStep, canvas_step
 from .sampler import SamplerOptions, denoise
 from .tokenizer import Tokenizer
-from .turn import Encoded, Turn, TurnLayout, TurnResult, decode_field, encode_turn
+from .turn import Encoded, Turn, TurnLayout, TurnResult, clean_vocabulary, decode_field, encode_turn
 
 log = logging.getLogger(__name__)
 
@@ -140,10 +140,10 @@ class Engine:
         predict = self._predictor(prompt, valid, p_pos, c_pos, key_valid, cache, sampler)
         seeds = seeds or [self.options.seed] * len(batch)
         clean_vocab = None
-        if sampler.copy_clean and all(e.clean_vocab for e in batch):
+        if sampler.copy_clean and all(e.raw for e in batch):  # built here, not at encode: training never needs it
             clean_vocab = torch.zeros(len(batch), self.cfg.vocab_size, dtype=torch.bool, device=dev)  # (B, V)
             for i, e in enumerate(batch):
-                clean_vocab[i, e.clean_vocab] = True
+                clean_vocab[i, clean_vocabulary(e.raw, self.tok)] = True
         out = denoise(predict, canvas, self.cfg.mask_id, field, self.tok.end_id, sampler,
                       seeds=seeds, should_stop=should_stop, on_step=on_step, deadline=deadline,
                       clean_vocab=clean_vocab, repeat_ok=self._repeat_ok())

@@ -73,7 +73,6 @@ class Encoded:
     with_reply: bool
     raw: str = ""
     meta: dict = field(default_factory=dict)
-    clean_vocab: list[int] = field(default_factory=list)  # tokens the cleaned field may use (see clean_vocabulary)
 
     @property
     def shape_key(self) -> tuple[int, bool]:
@@ -127,8 +126,7 @@ def encode_turn(turn: Turn, tok: Tokenizer, chat: ChatFormat, *, mask_id: int,
         fields += [-1] * len(label_r) + [1] * layout.reply_tokens
     canvas.append(end)  # a fixed end closes the canvas, so both fields end cleanly
     fields.append(-1)
-    return Encoded(prompt=prompt, canvas=canvas, field=fields, with_reply=with_reply, raw=raw,
-                   clean_vocab=clean_vocabulary(raw, tok))
+    return Encoded(prompt=prompt, canvas=canvas, field=fields, with_reply=with_reply, raw=raw)
 
 
 PUNCTUATION = (".", ",", "?", "!", "'", ":", "-", "'s")

@@ -40,6 +40,10 @@ __all__ = ["FuzzReport", "frames", "run", "main"]
 
 SENTINEL = "fuzz.sentinel"
 CLEAN_CLOSES = (1000, 1008, 1009, 1013)
+# This fuzzer's own client connections log here, apart from the server's loggers: the sync client of
+# websockets 17 logs "unexpected internal error" (EOFError) when the server closes while this side is
+# still sending a frame, a race inside the client; what the client saw is judged by the close code.
+CLIENT_LOG = "voice.fuzz.client"
 
 
 @dataclass
@@ -96,7 +100,8 @@ def _exercise(url: str, route: str, sent: list[str | bytes], report: FuzzReport,
     report.connections += 1
     sentinel = json.dumps({"type": SENTINEL, "id": SENTINEL})  # an unknown type on /ws, a text-less request on /cleanup
     try:
-        ws = connect(url + route, max_size=None, open_timeout=timeout, close_timeout=2)
+        ws = connect(url + route, max_size=None, open_timeout=timeout, close_timeout=2,
+                     logger=logging.getLogger(CLIENT_LOG))
     except InvalidStatus as e:
         report.problems.append(f"{route}: handshake refused with {e.response.status_code}")
         return
@@ -148,8 +153,6 @@ def run(url: str, *, messages: int = 10_000, seed: int = 0, per_connection: int 
     report = FuzzReport()
     start = json.dumps({"type": "session.start", "sample_rate": 16000})
 
-    @given(route=st.sampled_from(["/ws", "/ws+start", "/cleanup"]),
-           sent=st.lists(frames(), min_size=1, max_size=per_connection))
     def one(route: str, sent: list) -> None:
         if route == "/ws+start":
             route, sent = "/ws", [start, *sent]
@@ -158,8 +161,11 @@ def run(url: str, *, messages: int = 10_000, seed: int = 0, per_connection: int 
     round_ = 0
     while report.messages < messages:
         batch = max(1, (messages - report.messages) // (per_connection // 2 + 2))
+        # A fresh test function each round: hypothesis refuses to set settings twice on one.
+        test = given(route=st.sampled_from(["/ws", "/ws+start", "/cleanup"]),
+                     sent=st.lists(frames(), min_size=1, max_size=per_connection))(one)
         settings(max_examples=batch, database=None, deadline=None, phases=[Phase.generate],
-                 suppress_health_check=list(HealthCheck))(hyp_seed(seed * 1000 + round_)(one))()
+                 suppress_health_check=list(HealthCheck))(hyp_seed(seed * 1000 + round_)(test))()
         round_ += 1
     base = url.replace("ws://", "http://").replace("wss://", "https://")
     try:
@@ -179,7 +185,7 @@ class _Tracebacks(logging.Handler):
         self.seen: list[str] = []
 
     def emit(self, record: logging.LogRecord) -> None:
-        if record.exc_info or record.levelno >= logging.ERROR:
+        if record.name != CLIENT_LOG and (record.exc_info or record.levelno >= logging.ERROR):
             self.seen.append(f"server log: {record.name}: {record.getMessage()[:160]}")
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections import deque
 from collections.abc import Callable
@@ -41,6 +42,17 @@ log = logging.getLogger(__name__)
 CACHE_MODES = ("auto", "exact", "approx", "none")
 PRIORITY_BULK = 0  # the default: batch work, such as transcript cleanup
 PRIORITY_INTERACTIVE = 1  # someone is waiting to hear the answer
+
+
+SENTENCE_END = re.compile(r"[.!?]+[\"')]*(?=\s|$)")
+
+
+def whole_sentences(reply: str) -> str:
+    """`reply` without a trailing fragment that never ends ("Sorry, I don't know. information"
+    -> "Sorry, I don't know."). A reply with no sentence end at all is kept as it is: nothing
+    whole would be left."""
+    ends = [m.end() for m in SENTENCE_END.finditer(reply)]
+    return reply[:ends[-1]] if ends and reply[ends[-1]:].strip() else reply
 
 
 @dataclass(frozen=True)
@@ -205,6 +217,8 @@ class Engine:
     def _finish(self, enc: Encoded, ids: list[int], sampler: SamplerOptions, ms: float) -> TurnResult:
         cleaned = decode_field(ids, enc.field, 0, self.tok, self.cfg.mask_id)
         reply = decode_field(ids, enc.field, 1, self.tok, self.cfg.mask_id) if enc.with_reply else ""
+        if sampler.whole_sentences:
+            reply = whole_sentences(reply)
         return TurnResult(raw=enc.raw, cleaned=cleaned, reply=reply, steps=sampler.steps,
                           canvas=len(enc.canvas), ms=ms)
 

@@ -16,6 +16,7 @@ Llama layout (rotate split halves); the GGUF loader permutes rows to match.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -84,8 +85,10 @@ PRESETS: dict[str, ModelConfig] = {
 
 
 def use_kernels(x: Tensor) -> bool:
-    """Triton kernels on CUDA at inference; they define no backward pass."""
-    return x.is_cuda and not torch.is_grad_enabled()
+    """Triton kernels on CUDA at inference; they define no backward pass.
+    `VOICE_KERNELS=torch` in the environment keeps the PyTorch reference ops
+    (to rule the kernels out when a GPU result looks wrong)."""
+    return x.is_cuda and not torch.is_grad_enabled() and os.environ.get("VOICE_KERNELS", "auto") != "torch"
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:

@@ -46,6 +46,10 @@ class SamplerOptions:
     copy_clean: bool = True  # the cleaned field only uses tokens of the raw transcript's words (+ case, punctuation, digits)
     no_repeat: bool = True  # never the same token twice side by side (digits and end tokens excepted)
     end_confidence: float = 0.9  # an end token below this confidence is committed last, not first (0: off)
+    # Two side-by-side positions decided in one step are guessed independently ("Hello'm, thanks would"):
+    # a position whose masked neighbour is more confident waits, unless it is this sure itself (0: off).
+    no_adjacent: float = 0.9
+    whole_sentences: bool = True  # a reply that trails off after a finished sentence ends at that sentence
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -131,10 +135,16 @@ def _guard_logits(logits: Tensor, canvas: Tensor, field: Tensor, mask_id: int, o
 
 def _guard_confidence(conf: Tensor, tokens: Tensor, candidates: Tensor, end_id: int, opts: SamplerOptions,
                       repeat_ok: Tensor | None) -> Tensor:
-    """Demote (rank last, not forbid) unsure end tokens and the weaker of two equal neighbours."""
+    """Demote (rank last, not forbid) unsure end tokens, unsure positions beside a surer masked one,
+    and the weaker of two equal neighbours."""
     low = torch.zeros_like(candidates)
     if opts.end_confidence > 0:
         low |= (tokens == end_id) & (conf < opts.end_confidence)
+    if opts.no_adjacent > 0:  # only local maxima of confidence among masked neighbours go first
+        c = conf.masked_fill(~candidates, float("-inf"))
+        left = F.pad(c[:, :-1], (1, 0), value=float("-inf"))
+        right = F.pad(c[:, 1:], (0, 1), value=float("-inf"))
+        low |= ((left > c) | (right >= c)) & (conf < opts.no_adjacent) & candidates  # a tie: the left one goes
     if opts.no_repeat:
         same = (tokens[:, 1:] == tokens[:, :-1]) & candidates[:, 1:] & candidates[:, :-1]  # (B, N-1): j-1 and j
         if repeat_ok is not None:

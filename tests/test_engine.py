@@ -121,7 +121,7 @@ def test_fill_after_end_pads_the_field(tiny_engine):
         logits[0, :, 5] = 1.0
         logits[0, 2, end] = 50.0
         return logits
-    out = denoise(predict, canvas, mask, field, end, SamplerOptions(steps=4, no_repeat=False))
+    out = denoise(predict, canvas, mask, field, end, SamplerOptions(steps=4, no_repeat=False, no_adjacent=0))
     assert out[0, 2:5].tolist() == [end, end, end]
     assert out[0, 6:].tolist() == [5, 5]
 
@@ -191,6 +191,45 @@ def test_unsure_end_tokens_are_committed_last():
                                                               end_confidence=0.9),
             on_step=lambda s, c: seen.append(c[0].tolist()))
     assert seen[0][1] == mask and seen[-1][1] == end
+
+
+def test_no_adjacent_keeps_unsure_neighbours_apart():
+    """With no_adjacent, two unsure side-by-side positions never commit in one step; a sure one may."""
+    from dllm.sampler import denoise
+    mask, end = 11, 7
+    canvas = torch.tensor([[1] + [mask] * 6])
+    field = torch.tensor([-1] + [0] * 6)
+
+    def predict(c, step):  # every position unsure (p ~ 0.5), position 3 sure of itself
+        logits = torch.zeros(1, 7, 12)
+        logits[0, :, 3] = torch.tensor([0.0, 2.0, 2.1, 2.2, 2.3, 2.4, 2.5])
+        logits[0, 3, 4] = 12.0
+        return logits
+    opts = SamplerOptions(steps=3, no_repeat=False, fill_after_end=False, end_confidence=0)
+
+    def unsure_pairs(guard: float) -> int:
+        seen = []
+        out = denoise(predict, canvas, mask, field, end, replace(opts, no_adjacent=guard),
+                      on_step=lambda s, c: seen.append(c[0].tolist()))
+        assert mask not in out[0].tolist(), "every position is still filled in K steps"
+        pairs, before = 0, [mask] * 7
+        for after in seen[:-1]:  # the last step must commit whatever is left
+            new = [i for i in range(1, 7) if before[i] == mask and after[i] != mask]
+            pairs += sum(b == a + 1 and 3 not in (a, b) for a, b in zip(new, new[1:]))
+            before = after
+        return pairs
+    assert unsure_pairs(0.9) == 0
+    assert unsure_pairs(0.0) > 0, "without the guard, unsure neighbours go together"
+
+
+def test_whole_sentences_drops_a_trailing_fragment():
+    """A reply that trails off after a finished sentence ends there; one with no sentence end is kept."""
+    from dllm.engine import whole_sentences
+    assert whole_sentences("Sorry, I don't know. information") == "Sorry, I don't know."
+    assert whole_sentences("Hi! How can I") == "Hi!"
+    assert whole_sentences("It is 3.5 dollars.") == "It is 3.5 dollars."
+    assert whole_sentences("no end at all") == "no end at all"
+    assert whole_sentences("") == ""
 
 
 def test_turn_format_round_trip(tiny_engine):

@@ -22,9 +22,9 @@ CLEANUP = [  # (raw as a recogniser writes it, clean reference)
     ("is the is the gym open on sunday", "Is the gym open on Sunday?"),
 ]
 CARD = "Harbor Lane Library. Open 9 am to 8 pm. Closed on Mondays. Printing 2 dollars a page. Story time on Fridays at 11 am."
-# Items the shipped adapter (v2, step 200) still gets wrong are marked as known
-# failures, not dropped: they pass (and say so) once training fixes them.
-NOT_YET = pytest.mark.xfail(reason="the step-200 adapter of the CPU run gets this wrong; more training", strict=False)
+# Items the shipped adapter (the GPU LoRA run, 110k examples) still gets wrong are
+# marked as known failures, not dropped: they pass (and say so) once training fixes them.
+NOT_YET = pytest.mark.xfail(reason="the shipped adapter still garbles this reply; more training", strict=False)
 CARD_QUESTIONS = [  # (question, strings of which the reply must hold one)
     ("um what time do you close", ["8", "eight"]),
     pytest.param("which day are you closed", ["monday"], marks=NOT_YET),
@@ -32,10 +32,11 @@ CARD_QUESTIONS = [  # (question, strings of which the reply must hold one)
     ("is there a swimming pool", ["don't know", "do not know", "sorry", "not sure"]),
 ]
 TALK = [  # no card
-    pytest.param("hi there", ["hello", "hi"], marks=NOT_YET),
+    ("hi there", ["hello", "hi"]),
     ("thanks a lot", ["welcome", "glad", "happy"]),
-    ("what's the population of brazil", ["don't know", "do not know", "sorry", "not sure", "don't have"]),
-    pytest.param("please turn off the lights", ["can't", "cannot", "not able"], marks=NOT_YET),
+    pytest.param("what's the population of brazil", ["don't know", "do not know", "sorry", "not sure", "don't have"],
+                 marks=NOT_YET),
+    ("please turn off the lights", ["can't", "cannot", "not able"]),
 ]
 
 

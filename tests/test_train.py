@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 
+import pytest
 import torch
 from conftest import byte_tokenizer
 
@@ -12,9 +14,10 @@ from dllm.training.cards import card_turn
 from dllm.training.data import TEMPLATES, Slots, cleanup_row, generate, is_heldout_template, number_words
 from dllm.training.talk import talk_turn
 from dllm.loaders import merge_adapter, read_adapter
-from dllm.lora import RowEmbedding, add_lora, save_adapter
+from dllm.lora import RowEmbedding, add_lora, save_adapter, shrink_adapter
 from dllm.model import PRESETS, Transformer
-from dllm.training.train import TrainConfig, collate, diffusion_loss, make_examples, train
+from dllm.training.train import TrainConfig, build_examples, collate, diffusion_loss, make_examples, train
+from dllm.turn import TurnLayout
 
 WORDS = ["lantern", "marble", "quiver", "saddle", "thimble", "walrus", "zephyr", "bramble"]
 ROWS = [
@@ -149,3 +152,78 @@ def test_saved_adapter_merges_to_the_same_forward(tmp_path):
         a = wrapped(tokens, prefix_len=3)
         b = merged(tokens, prefix_len=3)
     assert torch.allclose(a, b, atol=1e-4)
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_full_finetune_ships_an_svd_adapter_that_merges_to_its_forward(tmp_path, device):
+    """--full trains the target weights; at full rank the saved adapter merges back to the same forward."""
+    tok = byte_tokenizer()
+    model = tiny_model(tok, seed=2).to(device)
+    base_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    rank = 64  # the tiny model's widest target is 64 wide: the SVD keeps everything
+    cfg = TrainConfig(steps=6, batch=3, lr=1e-2, warmup=1, rank=rank, alpha=2 * rank, save_every=6,
+                      bf16=device == "cuda", full=True)
+    lines = []
+    losses = train(model, tok, ROWS, cfg, run=tmp_path, base="tiny", log=lines.append)
+    assert len(losses) == 6 and all(math.isfinite(x) for x in losses)
+    assert any("keeps 100.0%" in line for line in lines), lines
+    assert json.loads((tmp_path / "adapter" / "adapter.json").read_text())["svd_energy_kept"] == 1.0
+
+    merged = Transformer(PRESETS["tiny"].with_(mask_id=tok.mask_id))
+    merged.load_state_dict(base_state)
+    merge_adapter(merged, tmp_path / "adapter")
+    assert not torch.equal(merged.layers[0].attn.q_proj.weight, base_state["layers.0.attn.q_proj.weight"])
+    tokens = torch.tensor([[5, 9, 13, tok.mask_id, tok.mask_id, 40, 41]])
+    with torch.no_grad():
+        a = model.float()(tokens.to(device), prefix_len=3).cpu()
+        b = merged(tokens, prefix_len=3)
+    assert torch.allclose(a, b, atol=1e-3)
+
+
+def test_shrink_adapter_keeps_the_largest_directions(tmp_path):
+    """A rank-2 shrink of a rank-4 adapter is the best rank-2 approximation of each delta."""
+    tok = byte_tokenizer()
+    wrapped = tiny_model(tok)
+    add_lora(wrapped, rank=4, alpha=8, train_rows=[tok.mask_id])
+    with torch.no_grad():
+        for p in wrapped.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+    save_adapter(tmp_path / "r4", wrapped, meta={"base": "tiny"})
+    kept = shrink_adapter(tmp_path / "r4", tmp_path / "r2", 2, dtype=torch.float32)
+    big, small = read_adapter(tmp_path / "r4"), read_adapter(tmp_path / "r2")
+    assert 0.0 < kept < 1.0 and small.rank == 2 and small.meta["shrunk_from_rank"] == 4
+    name = "layers.1.mlp.down_proj"
+    (a4, b4), (a2, b2) = big.lora[name], small.lora[name]
+    want = torch.linalg.svd(big.scale * b4 @ a4)
+    best = want.U[:, :2] @ torch.diag(want.S[:2]) @ want.Vh[:2]
+    assert torch.allclose(small.scale * b2 @ a2, best, atol=1e-5)
+    assert torch.equal(small.rows["embed"][1], big.rows["embed"][1])
+    with pytest.raises(ValueError, match="above the adapter's own rank"):
+        shrink_adapter(tmp_path / "r2", tmp_path / "r3", 3)
+
+
+def test_time_budget_sets_the_step_count(tmp_path):
+    """With a time budget the run measures its step rate and stops on its own, its schedule ended."""
+    tok = byte_tokenizer()
+    cfg = TrainConfig(steps=10**9, batch=2, lr=1e-3, warmup=30, rank=2, alpha=4, save_every=10**9, bf16=False,
+                      time_budget=1.5)
+    lines = []
+    losses = train(tiny_model(tok), tok, ROWS, cfg, run=tmp_path, base="tiny", log=lines.append)
+    assert any(line.startswith("time budget") for line in lines)
+    assert 25 < len(losses) == cfg.steps < 10**6
+    assert json.loads((tmp_path / "adapter" / "adapter.json").read_text())["steps"] == cfg.steps
+
+
+def test_examples_are_built_by_workers_and_cached(tmp_path):
+    """Forked tokenising workers give the same examples as one process; the cache returns them again."""
+    tok = byte_tokenizer()
+    rows = ROWS * 800  # above one worker's chunk, so both workers get some
+    one = make_examples(rows, tok, CHATML, tok.mask_id)
+    cache = tmp_path / "examples.pkl"
+    two = build_examples(rows, tok, CHATML, tok.mask_id, layout=TurnLayout(), workers=2, cache=cache, log=lambda m: None)
+    assert two == one and cache.is_file()
+    assert build_examples([], tok, CHATML, tok.mask_id, layout=TurnLayout(), cache=cache, log=lambda m: None) == one

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -27,9 +28,10 @@ from pathlib import Path
 from .scoring import accepted, reply_problem, strip_fillers, wer
 
 DEFAULT_ADAPTER = Path(__file__).resolve().parents[1] / "adapters" / "voice-smollm2"
-SHARED_EVAL = Path(__file__).resolve().parents[3] / "shared" / "eval"
+# ../shared/eval beside the checkout; VOICE_EVAL_DIR names another copy (a machine that lacks it).
+SHARED_EVAL = Path(os.environ.get("VOICE_EVAL_DIR") or Path(__file__).resolve().parents[3] / "shared" / "eval")
 TALK_DEV = Path(__file__).resolve().parent / "talk_dev.jsonl"
-GUARDS = ("copy_clean", "no_repeat", "end_confidence")
+GUARDS = ("copy_clean", "no_repeat", "end_confidence", "no_adjacent", "whole_sentences")
 
 
 def _read(path: Path) -> list[dict]:
@@ -57,8 +59,8 @@ def load_sets(names: list[str], heldout: Path) -> dict[str, dict[str, list[dict]
     return sets
 
 
-def load_engine_for_eval(adapter: Path | None, threads: int):
-    """The packaged SmolLM2 with `adapter` merged (bf16 where fast), wrapped in an Engine."""
+def load_engine_for_eval(adapter: Path | None, threads: int, device: str = "cpu"):
+    """The packaged SmolLM2 with `adapter` merged (bf16 where fast), wrapped in an Engine on `device`."""
     import torch
 
     from .. import default_dtype
@@ -66,7 +68,8 @@ def load_engine_for_eval(adapter: Path | None, threads: int):
     from ..loaders import load_model
     torch.set_num_threads(threads)
     loaded = load_model(None, adapter=adapter)
-    return Engine(loaded.model.to(default_dtype("cpu")), loaded.tokenizer, loaded.chat, name=loaded.source)
+    net = loaded.model.to(device=device, dtype=default_dtype(device))
+    return Engine(net, loaded.tokenizer, loaded.chat, name=loaded.source)
 
 
 def evaluate(engine, sets: dict, sampler) -> dict:
@@ -144,11 +147,14 @@ def print_examples(results: dict, n: int = 4) -> None:
 
 def guard_variants(mode: str, base) -> list[tuple[str, object]]:
     """(label, SamplerOptions) for --guards: on, off, or each (all on, then each one off, then all off)."""
-    off = replace(base, copy_clean=False, no_repeat=False, end_confidence=0.0)
     without = {"copy_clean": {"copy_clean": False}, "no_repeat": {"no_repeat": False},
-               "end_confidence": {"end_confidence": 0.0}}
+               "end_confidence": {"end_confidence": 0.0}, "no_adjacent": {"no_adjacent": 0.0},
+               "whole_sentences": {"whole_sentences": False}}
+    off = replace(base, **{k: v for change in without.values() for k, v in change.items()})
     if mode == "on":
         return [("all on", base)]
+    if mode.startswith("no-"):
+        return [(mode.replace("-", " ", 1), replace(base, **without[mode[3:]]))]
     if mode == "off":
         return [("all off", off)]
     return [("all on", base)] + [(f"no {g}", replace(base, **without[g])) for g in GUARDS] + [("all off", off)]
@@ -158,12 +164,14 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m dllm.eval", description=__doc__.split("\n\n")[0])
     p.add_argument("--adapter", default=str(DEFAULT_ADAPTER), help="adapter directory, or 'none' for the bare base")
     p.add_argument("--steps", default="8", help="K, denoising steps per turn; a comma list gives a row for each")
-    p.add_argument("--guards", default="on", choices=["on", "off", "each"], help="the decoding guards of SamplerOptions")
+    p.add_argument("--guards", default="on", choices=["on", "off", "each"] + [f"no-{g}" for g in GUARDS],
+                   help="the decoding guards of SamplerOptions: all on, all off, each off in turn, or one off")
     p.add_argument("--sets", default="held-out,dev", help="comma list of held-out, dev")
     p.add_argument("--heldout", default="data/heldout.jsonl")
     p.add_argument("--limit", type=int, default=0, help="at most this many rows per set part (0: all)")
     p.add_argument("--latency", default="", help="K values to time (e.g. 4,8,16), or '' to skip")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--examples", type=int, default=4, help="examples to print per set part")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = p.parse_args(argv)
@@ -171,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
     sets = load_sets(args.sets.split(","), Path(args.heldout))
     if args.limit:
         sets = {n: {k: v[:args.limit] for k, v in d.items()} for n, d in sets.items()}
-    engine = load_engine_for_eval(adapter, args.threads)
+    engine = load_engine_for_eval(adapter, args.threads, args.device)
     meta = {"adapter": str(adapter)}
     if adapter is not None and (adapter / "adapter.json").is_file():
         info = json.loads((adapter / "adapter.json").read_text())

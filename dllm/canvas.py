@@ -12,9 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .tokenizer import Tokenizer
-from .turn import Encoded
+from .turn import SENTENCE_END, Encoded, whole_sentences
 
-__all__ = ["MASK_TEXT", "CanvasStep", "canvas_step", "render_field"]
+__all__ = ["MASK_TEXT", "CanvasStep", "canvas_step", "render_field", "settled_reply"]
 
 MASK_TEXT = "░"  # one per masked position (a token, not a character)
 
@@ -28,6 +28,7 @@ class CanvasStep:
     cleaned: str
     reply: str
     masked: int
+    settled: str = ""  # the reply's leading sentences that no later step can change (see settled_reply)
 
 
 def render_field(ids: list[int], fields: list[int], which: int, tok: Tokenizer, mask_id: int) -> str:
@@ -49,9 +50,33 @@ def render_field(ids: list[int], fields: list[int], which: int, tok: Tokenizer, 
     return "".join(parts).strip()
 
 
+def settled_reply(ids: list[int], fields: list[int], tok: Tokenizer, mask_id: int) -> str:
+    """The reply's leading whole sentences that no later step can change ("" while there are none).
+
+    The sampler never revisits a committed token, so a sentence is settled once
+    every token up to its end is committed and so is the one after it ("nine."
+    before a mask may still go on as "nine.30"), or the field has ended. What
+    this returns is a prefix of the reply the pass will return, so it can be
+    spoken before the pass ends.
+    """
+    run: list[int] = []
+    for t, f in zip(ids, fields):
+        if f != 1:
+            continue
+        if t == mask_id:
+            text = tok.decode(run).strip()
+            ends = [m.end() for m in SENTENCE_END.finditer(text) if m.end() < len(text)]
+            return text[:ends[-1]] if ends else ""
+        if t == tok.end_id or t == tok.eos_id:
+            break
+        run.append(t)
+    return whole_sentences(tok.decode(run).strip())
+
+
 def canvas_step(ids: list[int], enc: Encoded, step: int, steps: int, tok: Tokenizer, mask_id: int) -> CanvasStep:
     """Render one request's canvas after `step` (0-based) of `steps`."""
     masked = sum(1 for t, f in zip(ids, enc.field) if f >= 0 and t == mask_id)
     reply = render_field(ids, enc.field, 1, tok, mask_id) if enc.with_reply else ""
+    settled = settled_reply(ids, enc.field, tok, mask_id) if enc.with_reply else ""
     return CanvasStep(step=step + 1, steps=steps, cleaned=render_field(ids, enc.field, 0, tok, mask_id),
-                      reply=reply, masked=masked)
+                      reply=reply, masked=masked, settled=settled)

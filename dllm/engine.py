@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from collections import deque
 from collections.abc import Callable
@@ -35,24 +34,14 @@ from .model import KVCache, Transformer
 from .canvas import CanvasStep, canvas_step
 from .sampler import SamplerOptions, denoise
 from .tokenizer import Tokenizer
-from .turn import Encoded, Turn, TurnLayout, TurnResult, clean_vocabulary, decode_field, encode_turn
+from .turn import (Encoded, Turn, TurnLayout, TurnResult, clean_vocabulary, decode_field, encode_turn,
+                   whole_sentences)
 
 log = logging.getLogger(__name__)
 
 CACHE_MODES = ("auto", "exact", "approx", "none")
 PRIORITY_BULK = 0  # the default: batch work, such as transcript cleanup
 PRIORITY_INTERACTIVE = 1  # someone is waiting to hear the answer
-
-
-SENTENCE_END = re.compile(r"[.!?]+[\"')]*(?=\s|$)")
-
-
-def whole_sentences(reply: str) -> str:
-    """`reply` without a trailing fragment that never ends ("Sorry, I don't know. information"
-    -> "Sorry, I don't know."). A reply with no sentence end at all is kept as it is: nothing
-    whole would be left."""
-    ends = [m.end() for m in SENTENCE_END.finditer(reply)]
-    return reply[:ends[-1]] if ends and reply[ends[-1]:].strip() else reply
 
 
 @dataclass(frozen=True)
@@ -175,6 +164,8 @@ class Engine:
         """The per-step function: canvas (B, N) -> logits (B, N, V) for the canvas."""
         model, shift, P = self.model, self.cfg.shift_logits, prompt.shape[1]
         state: dict[str, object] = {}
+        spans = sampler.spans()
+        block_starts = {sum(spans[:i]) for i in range(len(spans))}
 
         def full(canvas: Tensor, save: bool) -> tuple[Tensor, KVCache | None]:
             tokens = torch.cat([prompt, canvas], dim=1)
@@ -199,7 +190,7 @@ class Engine:
 
         def approx(canvas: Tensor, step: int) -> Tensor:
             self.forward_calls += 1
-            if step % (sampler.steps // sampler.blocks) == 0:  # refresh at each block's start
+            if step in block_starts:  # refresh at each block's start
                 logits, kv = full(canvas, save=True)
                 kv.keys = [k[:, :, :P] for k in kv.keys]
                 kv.values = [v[:, :, :P] for v in kv.values]
@@ -222,8 +213,12 @@ class Engine:
         return TurnResult(raw=enc.raw, cleaned=cleaned, reply=reply, steps=sampler.steps,
                           canvas=len(enc.canvas), ms=ms)
 
-    def run(self, encs: list[Encoded], sampler: SamplerOptions | None = None) -> list[TurnResult]:
-        """Blocking: run encoded turns, batching those of one canvas shape."""
+    def run(self, encs: list[Encoded], sampler: SamplerOptions | None = None, *,
+            on_step: Callable[[list[int], int, Tensor], None] | None = None) -> list[TurnResult]:
+        """Blocking: run encoded turns, batching those of one canvas shape.
+
+        `on_step(rows, step, canvas)`, if given, sees each batch's canvas after each step,
+        `rows` being the indices into `encs` of the batch's canvases."""
         sampler = sampler or self.options.sampler
         results: dict[int, TurnResult] = {}
         groups: dict[tuple, list[int]] = {}
@@ -233,7 +228,8 @@ class Engine:
             for start in range(0, len(idx), self.options.max_batch):
                 chunk = idx[start:start + self.options.max_batch]
                 t0 = time.perf_counter()
-                outs = self.generate([encs[i] for i in chunk], sampler)
+                watch = None if on_step is None else (lambda step, canvas, rows=chunk: on_step(rows, step, canvas))
+                outs = self.generate([encs[i] for i in chunk], sampler, on_step=watch)
                 ms = (time.perf_counter() - t0) * 1000
                 for i, ids in zip(chunk, outs):
                     results[i] = self._finish(encs[i], ids, sampler, ms)

@@ -12,7 +12,9 @@ and commits the most confident ones:
     finishes within K steps (sooner when the model is sure).
 
 Optional semi-autoregressive blocks fill the canvas left to right, K / blocks
-steps each. Everything is batched with static shapes: per-row quotas become a
+steps each. The lead is a two-block order for the voice turn: the cleaned field
+and the reply's first few tokens first, so the first sentence can be spoken
+before the pass ends. Everything is batched with static shapes: per-row quotas become a
 rank comparison, never a Python loop over rows or a host sync inside a step.
 """
 from __future__ import annotations
@@ -41,6 +43,12 @@ class SamplerOptions:
     confidence: str = "prob"  # what ranks positions: prob, margin (top1 - top2), or -entropy
     temperature: float = 0.0  # 0: greedy; >0: Gumbel-max sampling, seeded per request
     blocks: int = 1  # semi-autoregressive blocks (1: the whole canvas at once)
+    # The lead: the cleaned field and the reply's first `lead_tokens` positions are committed in the
+    # first `lead_steps` steps (None: half of them), the rest of the reply after. The reply's first
+    # sentence is then final part way through the pass and can be spoken while the rest denoises
+    # (0: off; blocks > 1 replace it).
+    lead_tokens: int = 12
+    lead_steps: int | None = None
     fill_after_end: bool = True  # once a field commits its end token, pad the rest of it
     # Guards against the failure modes of few-step decoding (each measured on and off in dllm.eval):
     copy_clean: bool = True  # the cleaned field only uses tokens of the raw transcript's words (+ case, punctuation, digits)
@@ -62,6 +70,17 @@ class SamplerOptions:
             raise RequestError(f"blocks ({self.blocks}) must be at least 1 and divide steps ({self.steps})")
         if self.temperature < 0:
             raise RequestError(f"temperature must be >= 0, got {self.temperature}")
+        if self.lead_tokens < 0:
+            raise RequestError(f"lead_tokens must be >= 0, got {self.lead_tokens}")
+        if self.lead_steps is not None and not 1 <= self.lead_steps < self.steps:
+            raise RequestError(f"lead_steps must lie in [1, steps), got {self.lead_steps} with steps={self.steps}")
+
+    def spans(self) -> list[int]:
+        """Steps given to each block, in order (their sum is `steps`)."""
+        if self.lead_tokens and self.blocks == 1:
+            first = self.lead_steps or max(1, self.steps // 2)
+            return [first, self.steps - first] if first < self.steps else [self.steps]
+        return [self.steps // self.blocks] * self.blocks
 
 
 def score(logits: Tensor, kind: str, temperature: float = 0.0,
@@ -215,18 +234,31 @@ def denoise(predict: Callable[[Tensor, int], Tensor], canvas: Tensor, mask_id: i
     canvas = canvas.clone()
     B, N = canvas.shape
     editable = canvas == mask_id
-    # Blocks split the editable positions, in order, into equal runs.
-    order = editable.int().cumsum(-1) - 1  # (B, N): index among editable positions
-    n_edit = editable.sum(-1, keepdim=True).clamp(min=1)
-    block_of = torch.where(editable, order * opts.blocks // n_edit, -1)
-    steps_per_block = opts.steps // opts.blocks
+    spans = opts.spans()
+    if opts.lead_tokens and opts.blocks == 1 and len(spans) > 1 and bool((field == 1).any()):
+        reply_index = (field == 1).int().cumsum(-1) - 1  # (N,): index within the reply field
+        lead = (field == 0) | ((field == 1) & (reply_index < opts.lead_tokens))
+        block_of = torch.where(editable, torch.where(lead, 0, 1).expand(B, N), -1)
+        if not bool((block_of == 1).any()):  # a reply field no longer than the lead: one block
+            spans, block_of = [opts.steps], torch.where(editable, 0, -1)
+    else:  # blocks split the editable positions, in order, into equal runs
+        spans = [opts.steps // opts.blocks] * opts.blocks
+        order = editable.int().cumsum(-1) - 1  # (B, N): index among editable positions
+        n_edit = editable.sum(-1, keepdim=True).clamp(min=1)
+        block_of = torch.where(editable, order * opts.blocks // n_edit, -1)
+    ends = [sum(spans[:i + 1]) for i in range(len(spans))]  # the step each block ends before
+    ends_t = torch.tensor(ends, device=canvas.device)
     fields = [field == f for f in field.unique().tolist() if f >= 0]
     t0 = time.monotonic()
     for step in range(opts.steps):
         if should_stop is not None and should_stop():
             break
         masked = canvas == mask_id
-        block = step // steps_per_block
+        # A row's block: the one this step is scheduled for, or a later one when the row has filled
+        # it already (the threshold schedule, or end padding), so its steps are not wasted.
+        scheduled = next(i for i, e in enumerate(ends) if step < e)
+        first_open = torch.where(masked, block_of, len(ends) - 1).min(-1, keepdim=True).values  # (B, 1)
+        block = first_open.clamp(min=scheduled)
         t = time.monotonic()  # last: this step and one more, at the mean pace, would end past the deadline
         last = deadline is not None and t + (2 * (t - t0) / step if step else 0.0) >= deadline
         candidates = masked if last else masked & (block_of == block)
@@ -236,7 +268,7 @@ def denoise(predict: Callable[[Tensor, int], Tensor], canvas: Tensor, mask_id: i
         logits = _guard_logits(logits, canvas, field, mask_id, opts, clean_vocab, repeat_ok)
         tokens, conf = score(logits, opts.confidence, opts.temperature, noise)
         conf = _guard_confidence(conf, tokens, candidates, end_id, opts, repeat_ok)
-        steps_left = 1 if last else steps_per_block - step % steps_per_block
+        steps_left = 1 if last else ends_t[block] - step  # (B, 1)
         commit = _commit_mask(conf, candidates, steps_left, opts)
         if opts.no_repeat:  # equal neighbours still committed together: every second one takes its next choice
             tokens = _split_repeats(tokens, canvas, commit, logits, mask_id, repeat_ok)

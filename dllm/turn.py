@@ -13,6 +13,7 @@ drops the reply field.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -158,6 +159,17 @@ def decode_field(ids: list[int], fields: list[int], which: int, tok: Tokenizer, 
         if t != mask_id:
             out.append(t)
     return tok.decode(out).strip()
+
+
+SENTENCE_END = re.compile(r"[.!?]+[\"')]*(?=\s|$)")
+
+
+def whole_sentences(reply: str) -> str:
+    """`reply` without a trailing fragment that never ends ("Sorry, I don't know. information"
+    -> "Sorry, I don't know."). A reply with no sentence end at all is kept as it is: nothing
+    whole would be left."""
+    ends = [m.end() for m in SENTENCE_END.finditer(reply)]
+    return reply[:ends[-1]] if ends and reply[ends[-1]:].strip() else reply
 
 
 def training_canvas(enc: Encoded, cleaned: str, reply: str | None, tok: Tokenizer) -> torch.Tensor:

@@ -77,12 +77,16 @@ def test_batched_equals_alone_with_temperature(tiny_engine):
     assert alone[0] != tiny_engine.generate([encs[0]], SamplerOptions(steps=4))[0]
 
 
-def test_threshold_schedule_finishes_within_k(tiny_engine):
+@pytest.mark.parametrize("lead, calls", [(0, 1), (12, 2)])
+def test_threshold_schedule_finishes_within_k(tiny_engine, lead, calls):
+    """With no guard demoting anything, a threshold of 0 commits a whole block per step; a block
+    finished early hands its steps to the next (the lead's two blocks: two calls)."""
     enc = tiny_engine.encode(Turn(QUESTIONS[3]))
     before = tiny_engine.forward_calls
-    out = tiny_engine.generate([enc], SamplerOptions(steps=8, schedule="threshold", threshold=0.0))
-    calls = tiny_engine.forward_calls - before
-    assert 1 <= calls < 8, "a threshold of 0 commits everything in the first step"
+    opts = SamplerOptions(steps=8, schedule="threshold", threshold=0.0, lead_tokens=lead, no_repeat=False,
+                          no_adjacent=0, end_confidence=0)
+    out = tiny_engine.generate([enc], opts)
+    assert tiny_engine.forward_calls - before == calls
     assert tiny_engine.cfg.mask_id not in out[0]
 
 
@@ -224,7 +228,7 @@ def test_no_adjacent_keeps_unsure_neighbours_apart():
 
 def test_whole_sentences_drops_a_trailing_fragment():
     """A reply that trails off after a finished sentence ends there; one with no sentence end is kept."""
-    from dllm.engine import whole_sentences
+    from dllm.turn import whole_sentences
     assert whole_sentences("Sorry, I don't know. information") == "Sorry, I don't know."
     assert whole_sentences("Hi! How can I") == "Hi!"
     assert whole_sentences("It is 3.5 dollars.") == "It is 3.5 dollars."
@@ -377,3 +381,81 @@ async def test_bulk_batches_are_capped():
         assert rows[-1] == 4
     finally:
         await eng.close()
+
+
+def _scripted_predict(target: torch.Tensor, V: int, seed: int):
+    """A stand-in model that always wants `target` (N,), with confidences drawn at random per position."""
+    g = torch.Generator().manual_seed(seed)
+    strength = 2.0 + 6.0 * torch.rand(target.shape[0], generator=g)
+
+    def predict(c, step):
+        logits = torch.zeros(c.shape[0], c.shape[1], V)
+        logits[0, torch.arange(target.shape[0]), target] = strength
+        return logits
+    return predict
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_settled_reply_only_grows_and_is_a_prefix_of_the_result(seed):
+    """Whatever order the pass commits in, what `settled_reply` says at each step is whole sentences that the
+    final reply starts with; with the lead on it is there by the end of the lead's steps."""
+    from dllm.canvas import settled_reply
+    from dllm.sampler import denoise
+    tok = make_tiny_engine().tok
+    mask, end = tok.mask_id, tok.end_id
+    reply = tok.encode(" Hi there. The pool opens at 9.30 am. Bye")
+    label = tok.encode("Cleaned: hi\nReply:")
+    canvas = torch.tensor([label + [mask] * (len(reply) + 3)])
+    field = torch.tensor([-1] * len(label) + [1] * (len(reply) + 3))
+    target = torch.tensor(label + reply + [end] * 3)
+    for lead in (0, len(tok.encode(" Hi there. The"))):
+        opts = SamplerOptions(steps=6, lead_tokens=lead, lead_steps=3 if lead else None, no_repeat=False,
+                              no_adjacent=0, end_confidence=0)
+        seen = []
+        out = denoise(_scripted_predict(target, tok.vocab_size, seed), canvas, mask, field, end, opts,
+                      on_step=lambda s, c: seen.append(settled_reply(c[0].tolist(), field.tolist(), tok, mask)))
+        final = decode_field(out[0].tolist(), field.tolist(), 1, tok, mask)
+        assert final == "Hi there. The pool opens at 9.30 am. Bye"
+        assert all(a == "" or b.startswith(a) for a, b in zip(seen, seen[1:])), seen
+        assert all(s in ("", "Hi there.", "Hi there. The pool opens at 9.30 am.") for s in seen), seen
+        assert seen[-1] == "Hi there. The pool opens at 9.30 am.", "the trailing fragment is not whole"
+        if lead:
+            assert seen[2] != "", "with the lead, the first sentence is settled after the lead's steps"
+
+
+def test_settled_reply_waits_for_the_token_after_a_full_stop():
+    """"at 9." before a mask may still go on as "9.30": not settled until the next token is known."""
+    from dllm.canvas import settled_reply
+    tok = make_tiny_engine().tok
+    mask = tok.mask_id
+    head = tok.encode(" It opens at 9.")
+    ids = head + [mask, mask]
+    fields = [1] * len(ids)
+    assert settled_reply(ids, fields, tok, mask) == ""
+    assert settled_reply(head + tok.encode("3") + [mask], fields, tok, mask) == ""
+    assert settled_reply(head + tok.encode(" Bye") + [mask], fields[:len(head) + 5], tok, mask) == "It opens at 9."
+    assert settled_reply(head + [tok.end_id, tok.end_id], fields, tok, mask) == "It opens at 9."
+
+
+def test_lead_commits_the_cleaned_field_and_the_reply_start_first(tiny_engine):
+    """With the lead, the first lead_steps steps fill the cleaned field and the reply's first tokens only."""
+    enc = tiny_engine.encode(Turn(QUESTIONS[0]))
+    mask_id = tiny_engine.cfg.mask_id
+    seen = []
+    opts = SamplerOptions(steps=8, lead_tokens=10, fill_after_end=False)
+    tiny_engine.generate([enc], opts, on_step=lambda s, c: seen.append(c[0].tolist()))
+    field = torch.tensor(enc.field)
+    reply = (field == 1).nonzero().flatten()
+    after4 = torch.tensor(seen[3]) == mask_id
+    assert not after4[field == 0].any() and not after4[reply[:10]].any(), "the lead is done after 4 of 8 steps"
+    assert after4[reply[10:]].all(), "the rest of the reply waits for the second half"
+    assert mask_id not in seen[-1]
+
+
+def test_lead_options_are_checked():
+    with pytest.raises(RequestError, match="lead_steps"):
+        SamplerOptions(steps=8, lead_tokens=8, lead_steps=8)
+    assert SamplerOptions(steps=8, lead_tokens=8, blocks=2).spans() == [4, 4], "blocks replace the lead"
+    assert SamplerOptions(steps=8, lead_tokens=8, blocks=4).spans() == [2, 2, 2, 2]
+    assert SamplerOptions(steps=8, lead_tokens=8).spans() == [4, 4]
+    assert SamplerOptions(steps=1, lead_tokens=8).spans() == [1]

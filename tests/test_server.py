@@ -108,8 +108,9 @@ async def test_spoken_utterance_end_to_end(real):
     for key in ("endpoint_ms", "asr_ms", "llm_ms", "total_ms"):
         assert done["timings"][key] > 0, key
     if reply:  # audio iff there is something to say
-        positions = [types.index(t) for t in ("turn.reply", "audio.start", "audio.end", "turn.done")]
-        assert positions == sorted(positions), types
+        # The first sentence may be spoken before the pass ends, so audio.start may precede turn.reply.
+        positions = [types.index(t) for t in ("transcript.final", "audio.start", "audio.end", "turn.done")]
+        assert positions == sorted(positions) and types.index("turn.reply") < types.index("turn.done"), types
         assert client.audio_bytes > 0
         assert 0 < done["voice_to_voice_ms"] == pytest.approx(done["timings"]["first_audio_ms"], abs=0.2)
     else:
@@ -132,7 +133,8 @@ async def test_typed_turn_after_a_client_vanished_mid_reply(real):
     await client.send_json(type="text", text="hello can you hear me")
     done = await client.until("turn.done", 180)
     await client.close()
-    assert client.types()[1:3] == ["turn.cleaned", "turn.reply"]
+    types = client.types()
+    assert {"turn.cleaned", "turn.reply"} <= set(types[:types.index("turn.done")]), types
     assert done["voice_to_voice_ms"] is None and done["timings"]["llm_ms"] > 0
 
 

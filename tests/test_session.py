@@ -265,6 +265,38 @@ async def test_typed_turn_and_empty_reply():
     assert events[-1]["voice_to_voice_ms"] is None
 
 
+async def test_settled_first_sentence_is_spoken_before_the_pass_ends():
+    """A sentence the pass has settled goes to piper at once: its audio arrives while the engine is still
+    working, and the rest of the reply follows without saying the first sentence twice."""
+    engine = ScriptedEngine(reply="The library opens at nine. It closes at five.", settled="The library opens at nine.")
+    engine.gate = asyncio.Event()
+    session = await start(services(engine))
+    await session.feed(P.TextTurn("when does the library open"))
+    events, audio = await collect(session, "audio.start")
+    assert audio == 0 and "turn.reply" not in [e["type"] for e in events], "the first audio came before the reply"
+    first = await asyncio.wait_for(session.next_event(), 30)
+    assert isinstance(first, bytes), "the settled sentence's audio follows audio.start while the pass goes on"
+    engine.gate.set()
+    events, _ = await collect(session, "turn.done")
+    await session.close()
+    assert [e["type"] for e in events][-3:] == ["turn.reply", "audio.end", "turn.done"]
+    assert engine.calls[0].transcript == "when does the library open"
+    assert events[-1]["timings"]["settled_ms"] >= 0
+    heard = session.conversation.history()[-1][1]
+    assert heard == "The library opens at nine. It closes at five."
+
+
+async def test_without_speak_early_the_audio_waits_for_the_pass():
+    engine = ScriptedEngine(reply="The library opens at nine. It closes at five.", settled="The library opens at nine.")
+    session = await start(services(engine), speak_early=False)
+    await session.feed(P.TextTurn("when does the library open"))
+    events, _ = await collect(session, "turn.done")
+    await session.close()
+    types = [e["type"] for e in events]
+    assert types.index("turn.reply") < types.index("audio.start")
+    assert "settled_ms" not in events[-1]["timings"]
+
+
 async def test_barge_in_cancels_the_dllm_request():
     """Speech during the dLLM turn cancels it (the request is withdrawn) and the new utterance is answered."""
     engine = ScriptedEngine(reply="")

@@ -50,9 +50,10 @@ class ScriptedEngine:
     name = "scripted"
 
     def __init__(self, reply: str = "The library opens at nine in the morning. It closes at five.",
-                 delay: float = 0.05) -> None:
+                 delay: float = 0.05, settled: str = "") -> None:
         self.reply = reply
         self.delay = delay
+        self.settled = settled  # if set, passed to on_canvas as settled (step 4 of 8) before the gate
         self.gate: asyncio.Event | None = None
         self.calls: list = []
         self.cancelled = 0
@@ -63,12 +64,17 @@ class ScriptedEngine:
     async def close(self) -> None:
         pass
 
-    async def respond(self, turn, *, steps=None, **options):
-        """`options` (on_canvas, deadline, ...) are accepted and ignored: the reply is fixed."""
+    async def respond(self, turn, *, steps=None, on_canvas=None, **options):
+        """`options` (deadline, ...) are accepted and ignored: the reply is fixed. `on_canvas` sees one
+        mid-pass canvas when `settled` is set."""
         from dllm import TurnResult
+        from dllm.canvas import CanvasStep
         self.calls.append(turn)
         try:
             await asyncio.sleep(self.delay)
+            if self.settled and on_canvas is not None:
+                on_canvas(CanvasStep(step=4, steps=8, cleaned=turn.transcript, reply=self.settled + " ░░",
+                                     masked=2, settled=self.settled))
             if self.gate is not None:
                 await self.gate.wait()
         except asyncio.CancelledError:

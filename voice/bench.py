@@ -2,6 +2,7 @@
 
     python -m voice.bench --n 10                  # a server in this process, default models
     python -m voice.bench --n 10 --url ws://127.0.0.1:8765
+    python -m voice.bench --n 10 --lead 0,12      # without and with the early first sentence, same models
 
 Each of N questions (a fixed list, spoken by piper and resampled to 16 kHz)
 goes to a fresh /ws session in 20 ms frames at real-time pace, followed by
@@ -24,7 +25,7 @@ import shlex
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -45,8 +46,8 @@ QUESTIONS = [
     "Where do I pay for parking?",
 ]
 
-STAGES = ["endpoint_ms", "asr_wait_ms", "asr_ms", "llm_ms", "llm_model_ms", "reply_ms", "tts_first_ms",
-          "first_audio_ms", "tts_ms", "total_ms"]
+STAGES = ["endpoint_ms", "asr_wait_ms", "asr_ms", "settled_ms", "llm_ms", "llm_model_ms", "reply_ms",
+          "tts_first_ms", "first_audio_ms", "tts_ms", "total_ms"]
 
 
 @dataclass
@@ -204,19 +205,33 @@ async def _main(args: argparse.Namespace) -> int:
         print(f"server: in-process at {url} (model {getattr(services.engine, 'name', '?')}, K={args.steps})")
     else:
         print(f"server: {url}")
+    leads = [None] if args.lead is None else [int(x) for x in args.lead.split(",")]
+    if server is None and args.lead is not None:
+        print("--lead needs the in-process server; ignored")
+        leads = [None]
+    runs: dict[str, list[TurnSample]] = {}
     try:
-        samples = await run_bench(url, utterances, chunk_ms=args.chunk_ms, speed=args.speed)
+        for lead in leads:
+            label = "the server's default" if lead is None else f"lead_tokens={lead}"
+            if lead is not None:  # the same loaded models, another order of decoding
+                engine = services.engine
+                engine.options = replace(engine.options, sampler=replace(engine.options.sampler, lead_tokens=lead))
+                print(f"\n--- {label} ---")
+            runs[label] = await run_bench(url, utterances, chunk_ms=args.chunk_ms, speed=args.speed)
     finally:
         if server is not None:
             await server.close()
-    errors = [s for s in samples if s.error]
-    replies = sum(1 for s in samples if s.reply)
-    print(f"\n{len(samples)} turns, {len(errors)} errors, {replies} non-empty replies "
-          f"(voice_to_voice_ms needs a spoken reply)\n")
-    print(table(summarize(samples)))
+    errors = 0
+    for label, samples in runs.items():
+        bad = sum(1 for s in samples if s.error)
+        errors += bad
+        replies = sum(1 for s in samples if s.reply)
+        print(f"\n{label}: {len(samples)} turns, {bad} errors, {replies} non-empty replies "
+              f"(voice_to_voice_ms needs a spoken reply)\n")
+        print(table(summarize(samples)))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump([s.__dict__ for s in samples], f, indent=1)
+            json.dump({label: [s.__dict__ for s in samples] for label, samples in runs.items()}, f, indent=1)
     return 1 if errors else 0
 
 
@@ -232,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chunk-ms", type=int, default=20, help="audio per frame (default 20)")
     p.add_argument("--speed", type=float, default=1.0, help="1.0 sends audio in real time")
     p.add_argument("--json", metavar="FILE", help="also write every turn's sample here")
+    p.add_argument("--lead", help="comma list of SamplerOptions.lead_tokens to run in turn on the same models "
+                                  "(in-process server), e.g. 0,12: the first sentence spoken before the pass ends")
     args = p.parse_args(argv)
     if args.n < 1:
         p.error("--n must be at least 1")

@@ -54,6 +54,9 @@ class TurnRecord:
     interrupted_at: float | None = None
     interrupt_reason: str | None = None
     finished_at: float | None = None  # turn.done sent (or the turn failed)
+    said: str = ""  # the reply text handed to speech so far, a prefix of the reply
+    said_sentences: int = 0
+    speech_started: float | None = None  # when the first sentence went to speech
 
     def add_sentence(self, text: str, seconds: float, at: float) -> None:
         if self.first_audio is None:
@@ -195,6 +198,14 @@ class FinalRequest(Frame):
 
 @dataclass(eq=False)
 class TranscriptReady(Frame):
+    turn: TurnRecord
+    text: str
+
+
+@dataclass(eq=False)
+class ReplySettled(Frame):
+    """The reply's leading sentences, final before the dLLM pass ends: they can be spoken already."""
+
     turn: TurnRecord
     text: str
 

@@ -40,8 +40,8 @@ import numpy as np
 from . import protocol as P
 from .audio import StreamResampler, pcm_chunks
 from .frames import (AudioIn, Conversation, End, EndOfInput, FinalRequest, Frame, Interrupt, PartialRequest,
-                     ReplyEnd, ReplyReady, SpeechChunk, StopRequest, TextIn, TranscriptReady, TurnRecord,
-                     Utterance, now)
+                     ReplyEnd, ReplyReady, ReplySettled, SpeechChunk, StopRequest, TextIn, TranscriptReady,
+                     TurnRecord, Utterance, now)
 from .pipeline import Outbox, Stage, cancel_and_wait
 from .services import Services
 
@@ -80,6 +80,8 @@ class SessionConfig:
         outbox_size: events and audio frames queued for the client.
         out_chunk_ms: reply audio per binary frame.
         asr_timeout_s, turn_timeout_s, tts_timeout_s: limits on one model call.
+        speak_early: send the reply's first sentences to speech as soon as the
+            pass has settled them (`dllm.canvas.settled_reply`), before it ends.
     """
 
     input_sample_rate: int = 16000
@@ -99,6 +101,7 @@ class SessionConfig:
     asr_timeout_s: float = 60.0
     turn_timeout_s: float = 180.0
     tts_timeout_s: float = 60.0
+    speak_early: bool = True
 
     def __post_init__(self) -> None:
         if self.input_sample_rate not in P.INPUT_SAMPLE_RATES:
@@ -303,15 +306,39 @@ class TurnStage(Stage):
         record, cfg, t0 = frame.turn, self.s.config, now()
         turn = self._Turn(frame.text, history=self.s.conversation.history(before=record), knowledge=cfg.knowledge)
         kw: dict = {"client": self.s.id, "priority": self._priority}  # the engine's queue serves clients fairly
-        if cfg.canvas:  # called on the loop by the engine, once per step
-            kw["on_canvas"] = lambda c: record.interrupted_at is None and self.s.outbox.put_nowait(
-                P.turn_canvas(record.turn_id, step=c.step, steps=c.steps, cleaned=c.cleaned, reply=c.reply,
-                              masked=c.masked))
+        settled: asyncio.Queue[str] = asyncio.Queue()  # the settled reply as it grows, at most one per step
+        speak_early = cfg.speak_early and self.s.services.synthesizer is not None
+        queued = [""]
+
+        def on_canvas(c) -> None:  # called on the loop by the engine, once per step
+            if record.interrupted_at is not None:
+                return
+            if cfg.canvas:
+                self.s.outbox.put_nowait(P.turn_canvas(record.turn_id, step=c.step, steps=c.steps, cleaned=c.cleaned,
+                                                       reply=c.reply, masked=c.masked))
+            if speak_early and len(c.settled) > len(queued[0]) and c.step < c.steps:
+                queued[0] = c.settled
+                settled.put_nowait(c.settled)
+        if cfg.canvas or speak_early:
+            kw["on_canvas"] = on_canvas
         if cfg.deadline_ms:
             kw["deadline"] = time.monotonic() + cfg.deadline_ms / 1000
-        # Cancelling this await (an interrupt) withdraws the request from the engine's batch.
-        result = await asyncio.wait_for(self.s.services.engine.respond(turn, steps=self.s.steps, **kw),
-                                        cfg.turn_timeout_s)
+        # Cancelling the job (an interrupt cancels this task) withdraws the request from the engine's batch.
+        job = asyncio.ensure_future(asyncio.wait_for(
+            self.s.services.engine.respond(turn, steps=self.s.steps, **kw), cfg.turn_timeout_s))
+        next_settled: asyncio.Future | None = None
+        try:
+            while not job.done():  # settled sentences go to speech while the pass goes on
+                next_settled = asyncio.ensure_future(settled.get())
+                await asyncio.wait({job, next_settled}, return_when=asyncio.FIRST_COMPLETED)
+                if next_settled.done() and not job.done():
+                    record.timings.setdefault("settled_ms", _ms(t0))
+                    await self.push(ReplySettled(record, next_settled.result()))
+            result = job.result()
+        finally:
+            job.cancel()
+            if next_settled is not None:
+                next_settled.cancel()
         record.timings["llm_ms"] = _ms(t0)
         record.timings["llm_model_ms"] = float(result.ms)
         record.cleaned, record.reply = result.cleaned, result.reply
@@ -340,22 +367,34 @@ class TTSStage(Stage):
         return pcm
 
     async def process(self, frame: Frame) -> None:
-        if not isinstance(frame, ReplyReady):
+        if isinstance(frame, ReplySettled):  # the first sentences, while the pass goes on
+            await self._say(frame.turn, frame.text)
+        elif isinstance(frame, ReplyReady):
+            record = frame.turn
+            await self._say(record, frame.reply)
+            if record.speech_started is not None:
+                record.timings["tts_ms"] = _ms(record.speech_started)
+            await self.push(ReplyEnd(record))
+        else:
             await self.push(frame)
-            return
+
+    async def _say(self, record: TurnRecord, text: str) -> None:
+        """Speak what of `text` has not been spoken yet (`record.said` is a prefix of it)."""
         from tts import split_sentences
 
-        record, t0 = frame.turn, now()
-        sentences = split_sentences(frame.reply) if self.s.services.synthesizer is not None else []
-        for i, sentence in enumerate(sentences):
+        if self.s.services.synthesizer is None or record.interrupted_at is not None:
+            return
+        rest = text[len(record.said):] if text.startswith(record.said) else text
+        record.said = text
+        for sentence in split_sentences(rest):
+            t0 = now()
+            if record.speech_started is None:
+                record.speech_started = t0
             pcm = await asyncio.wait_for(asyncio.to_thread(self._speak, sentence), self.s.config.tts_timeout_s)
-            if "tts_first_ms" not in record.timings:
-                record.timings["tts_first_ms"] = _ms(t0)
+            record.timings.setdefault("tts_first_ms", _ms(t0))
             if len(pcm):
-                await self.push(SpeechChunk(record, i, sentence, pcm))
-        if sentences:
-            record.timings["tts_ms"] = _ms(t0)
-        await self.push(ReplyEnd(record))
+                await self.push(SpeechChunk(record, record.said_sentences, sentence, pcm))
+                record.said_sentences += 1
 
 
 class OutputStage(Stage):

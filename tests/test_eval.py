@@ -59,3 +59,19 @@ def test_reply_problems():
     assert reply_problem("We open at nine and we open at nine.") == "repetitive"
     assert reply_problem("We open at nine and") == "cut off"
     assert reply_problem("We open at nine.") is None
+
+
+def test_evaluate_scores_every_part_and_when_the_first_sentence_settled():
+    """`evaluate` on a tiny set: every part scored, and the first-sentence step lies within the pass."""
+    from conftest import make_tiny_engine
+
+    from dllm import SamplerOptions
+    from dllm.eval.__main__ import evaluate
+    engine = make_tiny_engine()
+    sets = {"tiny": {"cleanup": [{"text": "um hi there", "reference": "Hi there."}],
+                     "kiosk": [{"knowledge": "Open 9 to 5.", "question": "when do you open", "accept": ["9", "nine"]}],
+                     "talk": [{"question": "hello", "accept": ["hello", "hi"]}]}}
+    r = evaluate(engine, sets, SamplerOptions(steps=4))["tiny"]
+    assert r["cleanup"]["n"] == 1 and 0 <= r["cleanup"]["wer_model"]
+    assert r["kiosk"]["n"] == 1 and r["talk"]["n"] == 1
+    assert r["replies"]["n"] == 2 and 1 <= r["replies"]["first_sentence_step"] <= 4

@@ -12,6 +12,7 @@ conversational, that are empty, repetitive or cut off.
     python -m dllm.eval                                   # shipped adapter, K=8, all sets
     python -m dllm.eval --steps 4,8,16                    # one table row per set and K
     python -m dllm.eval --guards each                     # each decoding guard switched off in turn
+    python -m dllm.eval --lead 0,12                       # the reply's first tokens first (early speech), off and on
     python -m dllm.eval --adapter runs/voice-v2/adapter --sets held-out --json
 """
 from __future__ import annotations
@@ -74,6 +75,7 @@ def load_engine_for_eval(adapter: Path | None, threads: int, device: str = "cpu"
 
 def evaluate(engine, sets: dict, sampler) -> dict:
     """Run every part of every set with `sampler` (SamplerOptions); returns scores and a few examples."""
+    from ..canvas import settled_reply
     from ..turn import Turn
     results = {}
     for name, data in sets.items():
@@ -86,13 +88,21 @@ def evaluate(engine, sets: dict, sampler) -> dict:
             r["cleanup"] = {"n": len(texts), "wer_model": wer(hyps, refs), "wer_raw": wer(texts, refs),
                             "wer_filler_regex": wer([strip_fillers(t) for t in texts], refs),
                             "examples": [{"raw": t, "cleaned": h, "reference": f} for t, h, f in zip(texts, hyps, refs)]}
-        replies = []
+        replies, first_steps = [], []
         for part in ("kiosk", "talk"):
             if not data[part]:
                 continue
             turns = [Turn(x["question"], knowledge=x.get("knowledge"),
                           history=tuple(tuple(h) for h in x.get("history") or ())) for x in data[part]]
-            outs = engine.run([engine.encode(t) for t in turns], sampler)
+            encs = [engine.encode(t) for t in turns]
+            settled_at = [sampler.steps] * len(encs)  # the step after which the first sentence could be spoken
+
+            def watch(rows: list[int], step: int, canvas, encs=encs, settled_at=settled_at) -> None:
+                for i, ids in zip(rows, canvas.tolist()):
+                    if settled_at[i] > step + 1 and settled_reply(ids, encs[i].field, engine.tok, engine.cfg.mask_id):
+                        settled_at[i] = step + 1
+            outs = engine.run(encs, sampler, on_step=watch)
+            first_steps += settled_at
             ok = [accepted(o.reply, x["accept"]) and (part == "kiosk" or reply_problem(o.reply) is None)
                   for o, x in zip(outs, data[part])]
             replies += [o.reply for o in outs]
@@ -102,7 +112,8 @@ def evaluate(engine, sets: dict, sampler) -> dict:
         if replies:
             problems = [reply_problem(x) for x in replies]
             r["replies"] = {"n": len(replies), "degenerate": sum(p is not None for p in problems) / len(problems),
-                            **{k: problems.count(k) / len(problems) for k in ("empty", "repetitive", "cut off")}}
+                            **{k: problems.count(k) / len(problems) for k in ("empty", "repetitive", "cut off")},
+                            "first_sentence_step": statistics.median(first_steps)}
         results[name] = r
     return results
 
@@ -124,16 +135,17 @@ def latency(engine, ks: list[int], repeats: int = 5) -> dict[int, float]:
     return out
 
 
-HEADER = (f"{'set':<9}{'K':>3} {'guards':<16}{'WER model':>10}{'WER raw':>8}{'WER regex':>10}  {'card acc':>9}"
-          f"{'talk fit':>9}{'degen.':>8}{'repet.':>7}{'cut off':>8}{'empty':>6}")
+HEADER = (f"{'set':<9}{'K':>3} {'guards':<24}{'WER model':>10}{'WER raw':>8}{'WER regex':>10}  {'card acc':>9}"
+          f"{'talk fit':>9}{'degen.':>8}{'repet.':>7}{'cut off':>8}{'empty':>6}{'1st sent.':>10}")
 
 
 def table_row(name: str, k: int, guards: str, r: dict) -> str:
     c, kk, t, p = r.get("cleanup", {}), r.get("kiosk", {}), r.get("talk", {}), r.get("replies", {})
+    first = f"{p['first_sentence_step']:>6.1f}/{k:<3}" if "first_sentence_step" in p else f"{'-':>10}"
     f = lambda d, key, w: f"{d[key]:>{w}.3f}" if key in d else f"{'-':>{w}}"
-    return (f"{name:<9}{k:>3} {guards:<16}{f(c, 'wer_model', 10)}{f(c, 'wer_raw', 8)}{f(c, 'wer_filler_regex', 10)}  "
+    return (f"{name:<9}{k:>3} {guards:<24}{f(c, 'wer_model', 10)}{f(c, 'wer_raw', 8)}{f(c, 'wer_filler_regex', 10)}  "
             f"{f(kk, 'accuracy', 9)}{f(t, 'accuracy', 9)}{f(p, 'degenerate', 8)}{f(p, 'repetitive', 7)}"
-            f"{f(p, 'cut off', 8)}{f(p, 'empty', 6)}")
+            f"{f(p, 'cut off', 8)}{f(p, 'empty', 6)}{first}")
 
 
 def print_examples(results: dict, n: int = 4) -> None:
@@ -166,6 +178,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", default="8", help="K, denoising steps per turn; a comma list gives a row for each")
     p.add_argument("--guards", default="on", choices=["on", "off", "each"] + [f"no-{g}" for g in GUARDS],
                    help="the decoding guards of SamplerOptions: all on, all off, each off in turn, or one off")
+    p.add_argument("--lead", default=None,
+                   help="reply tokens decoded first, so the first sentence settles early (SamplerOptions.lead_tokens); "
+                        "a comma list gives a row for each (default: the engine's)")
     p.add_argument("--sets", default="held-out,dev", help="comma list of held-out, dev")
     p.add_argument("--heldout", default="data/heldout.jsonl")
     p.add_argument("--limit", type=int, default=0, help="at most this many rows per set part (0: all)")
@@ -189,10 +204,16 @@ def main(argv: list[str] | None = None) -> None:
         print(f"adapter: {meta['adapter']}  (trained steps: {meta.get('trained_steps')}, "
               f"examples seen: {meta.get('examples_seen')})")
         print(HEADER, flush=True)
-    for k in [int(x) for x in args.steps.split(",")]:
-        for label, sampler in guard_variants(args.guards, replace(engine.options.sampler, steps=k)):
+    leads = [None] if args.lead is None else [int(x) for x in args.lead.split(",")]
+    for k, lead in [(k, lead) for k in [int(x) for x in args.steps.split(",")] for lead in leads]:
+        base = replace(engine.options.sampler, steps=k)
+        if lead is not None:
+            base = replace(base, lead_tokens=lead)
+        for label, sampler in guard_variants(args.guards, base):
+            if lead is not None:
+                label = f"{label}, lead {lead}"
             results = evaluate(engine, sets, sampler)
-            rows.append({"steps": k, "guards": label, "results": results})
+            rows.append({"steps": k, "guards": label, "lead_tokens": sampler.lead_tokens, "results": results})
             if not args.json:
                 for name, r in results.items():
                     print(table_row(name, k, label, r), flush=True)

@@ -264,3 +264,26 @@ async def test_metrics_move_after_a_turn(server):
     assert metric(after, "dllm_steps_total") - metric(before, "dllm_steps_total") >= 16
     assert metric(after, "voice_sessions") == 1
     assert 'voice_queue_depth{queue="turn"}' in after and 'voice_queue_depth{queue="dllm"}' in after
+
+
+async def test_a_stream_sends_the_settled_first_sentence_before_the_pass_ends(base_engine):
+    """With the shipped adapter, a streamed reply's first sentence comes in deltas before the last canvas:
+    a voice stack behind this endpoint can speak it while the pass goes on. The deltas still join to
+    exactly the reply the non-streamed request returns."""
+    server = VoiceServer(Services(base_engine, steps=8), ServerOptions(port=0))
+    await server.start()
+    try:
+        client = openai_client(server)
+        messages = [{"role": "user", "content": "hi there"}]
+        whole = await client.chat.completions.create(model="x", messages=messages)
+        stream = await client.chat.completions.create(model="x", messages=messages, stream=True,
+                                                      extra_body={"canvas": True})
+        chunks = [c async for c in stream]
+        await client.close()
+    finally:
+        await server.close()
+    reply = whole.choices[0].message.content
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == reply
+    steps = [(c.model_extra or {}).get("canvas", {}).get("step") for c in chunks]
+    first_text = next(i for i, c in enumerate(chunks) if c.choices[0].delta.content)
+    assert first_text < steps.index(8), f"the first words came after the last step: {reply!r}"

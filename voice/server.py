@@ -419,7 +419,7 @@ class VoiceServer:
         if req.deadline_ms:
             kw["deadline"] = time.monotonic() + req.deadline_ms / 1000
         canvases: asyncio.Queue = asyncio.Queue()  # at most K items: one per step
-        if req.canvas:
+        if req.canvas or req.stream:  # a stream sends the reply's settled sentences before the pass ends
             kw["on_canvas"] = canvases.put_nowait
         turn = Turn(req.transcript, history=req.history, knowledge=req.knowledge)
         cid, t0 = A.new_id(), time.perf_counter()
@@ -441,16 +441,26 @@ class VoiceServer:
         await asyncio.sleep(0)
         if task.done() and task.exception() is not None:
             raise task.exception()
-        return StreamingResponse(self._chat_events(task, canvases, cid), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
+        return StreamingResponse(self._chat_events(task, canvases, cid, show_canvas=req.canvas),
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
-    async def _chat_events(self, task: asyncio.Task, canvases: asyncio.Queue, cid: str):
-        """The SSE stream: the role, each canvas (when asked), the reply in word deltas, the end, [DONE]."""
+    async def _chat_events(self, task: asyncio.Task, canvases: asyncio.Queue, cid: str, *, show_canvas: bool):
+        """The SSE stream: the role, each canvas (when asked), the reply in word deltas (its settled
+        sentences while the pass goes on, the rest at its end), the end, [DONE]."""
         created = int(time.time())
+        sent = ""  # the reply text sent so far, a prefix of the reply
+
+        def deltas(text: str):
+            return [A.sse(A.chat_chunk(cid, self.model, created, delta={"content": p})) for p in A.reply_deltas(text)]
         try:
             yield A.sse(A.chat_chunk(cid, self.model, created, delta={"role": "assistant", "content": ""}))
             while (snap := await canvases.get()) is not None:
-                yield A.sse(A.chat_chunk(cid, self.model, created, canvas=snap))
+                if show_canvas:
+                    yield A.sse(A.chat_chunk(cid, self.model, created, canvas=snap))
+                if len(snap.settled) > len(sent) and snap.settled.startswith(sent):
+                    for chunk in deltas(snap.settled[len(sent):]):
+                        yield chunk
+                    sent = snap.settled
             try:
                 result = task.result()
             except Exception as e:  # the status line is gone: the error travels in the stream
@@ -458,8 +468,8 @@ class VoiceServer:
                 self.metrics.errors.labels(code).inc()
                 yield A.sse(A.error_body(status, message, code=code))
                 return
-            for piece in A.reply_deltas(result.reply):
-                yield A.sse(A.chat_chunk(cid, self.model, created, delta={"content": piece}))
+            for chunk in deltas(result.reply[len(sent):] if result.reply.startswith(sent) else result.reply):
+                yield chunk
             yield A.sse(A.chat_chunk(cid, self.model, created, finish="stop"))
             yield A.sse("[DONE]")
         finally:  # the client left early: the request leaves its batch

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from .tokenizer import Tokenizer
 from .turn import SENTENCE_END, Encoded, whole_sentences
 
-__all__ = ["MASK_TEXT", "CanvasStep", "canvas_step", "render_field", "settled_reply"]
+__all__ = ["MASK_TEXT", "CanvasStep", "canvas_step", "render_field", "settled_reply", "unsaid"]
 
 MASK_TEXT = "░"  # one per masked position (a token, not a character)
 
@@ -71,6 +71,12 @@ def settled_reply(ids: list[int], fields: list[int], tok: Tokenizer, mask_id: in
             break
         run.append(t)
     return whole_sentences(tok.decode(run).strip())
+
+
+def unsaid(text: str, said: str) -> str:
+    """What of `text` follows `said`, the settled prefix already handed on (spoken, streamed).
+    `said` is a prefix by construction; were it not, all of `text` is new."""
+    return text[len(said):] if text.startswith(said) else text
 
 
 def canvas_step(ids: list[int], enc: Encoded, step: int, steps: int, tok: Tokenizer, mask_id: int) -> CanvasStep:

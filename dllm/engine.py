@@ -32,7 +32,7 @@ from .chat import ChatFormat
 from .errors import EngineBusy, EngineClosed, RequestError
 from .model import KVCache, Transformer
 from .canvas import CanvasStep, canvas_step
-from .sampler import SamplerOptions, denoise
+from .sampler import SamplerOptions, denoise, pass_spans
 from .tokenizer import Tokenizer
 from .turn import (Encoded, Turn, TurnLayout, TurnResult, clean_vocabulary, decode_field, encode_turn,
                    whole_sentences)
@@ -138,7 +138,9 @@ class Engine:
         canvas = torch.tensor([e.canvas for e in batch], device=dev)  # (B, N)
         field = torch.tensor(batch[0].field, device=dev)
         key_valid = torch.cat([valid, torch.ones_like(canvas, dtype=torch.bool)], dim=1)
-        predict = self._predictor(prompt, valid, p_pos, c_pos, key_valid, cache, sampler)
+        spans = pass_spans(sampler, field)
+        block_starts = {sum(spans[:i]) for i in range(len(spans))}
+        predict = self._predictor(prompt, valid, p_pos, c_pos, key_valid, cache, block_starts)
         seeds = seeds or [self.options.seed] * len(batch)
         clean_vocab = None
         if sampler.copy_clean and all(e.raw for e in batch):  # built here, not at encode: training never needs it
@@ -160,12 +162,11 @@ class Engine:
         return self._repeat_ok_cache
 
     def _predictor(self, prompt: Tensor, valid: Tensor, p_pos: Tensor, c_pos: Tensor, key_valid: Tensor,
-                   cache: str, sampler: SamplerOptions) -> Callable[[Tensor, int], Tensor]:
-        """The per-step function: canvas (B, N) -> logits (B, N, V) for the canvas."""
+                   cache: str, block_starts: set[int]) -> Callable[[Tensor, int], Tensor]:
+        """The per-step function: canvas (B, N) -> logits (B, N, V) for the canvas. The approximate
+        cache refreshes the prompt at `block_starts`, the steps that open a block of the pass."""
         model, shift, P = self.model, self.cfg.shift_logits, prompt.shape[1]
         state: dict[str, object] = {}
-        spans = sampler.spans()
-        block_starts = {sum(spans[:i]) for i in range(len(spans))}
 
         def full(canvas: Tensor, save: bool) -> tuple[Tensor, KVCache | None]:
             tokens = torch.cat([prompt, canvas], dim=1)

@@ -75,12 +75,6 @@ class SamplerOptions:
         if self.lead_steps is not None and not 1 <= self.lead_steps < self.steps:
             raise RequestError(f"lead_steps must lie in [1, steps), got {self.lead_steps} with steps={self.steps}")
 
-    def spans(self) -> list[int]:
-        """Steps given to each block, in order (their sum is `steps`)."""
-        if self.lead_tokens and self.blocks == 1:
-            first = self.lead_steps or max(1, self.steps // 2)
-            return [first, self.steps - first] if first < self.steps else [self.steps]
-        return [self.steps // self.blocks] * self.blocks
 
 
 def score(logits: Tensor, kind: str, temperature: float = 0.0,
@@ -123,6 +117,21 @@ def gumbel_noise(shape: tuple[int, ...], seeds: list[int], device: torch.device)
         u = torch.rand(shape[1:], generator=g, dtype=torch.float32).clamp_(1e-10, 1.0)
         rows.append(-torch.log(-torch.log(u)))
     return torch.stack(rows).to(device)
+
+
+def uses_lead(opts: SamplerOptions, field: Tensor) -> bool:
+    """Whether a pass over a canvas with these fields (N,) runs in the lead's two blocks: only
+    when the canvas has a reply field longer than the lead (a cleanup canvas has none)."""
+    return bool(opts.lead_tokens and opts.blocks == 1 and opts.steps > 1
+                and int((field == 1).sum()) > opts.lead_tokens)
+
+
+def pass_spans(opts: SamplerOptions, field: Tensor) -> list[int]:
+    """Steps given to each block of a pass over a canvas with these fields, in order (sum: steps)."""
+    if uses_lead(opts, field):
+        first = opts.lead_steps or opts.steps // 2
+        return [first, opts.steps - first]
+    return [opts.steps // opts.blocks] * opts.blocks
 
 
 def _commit_mask(conf: Tensor, candidates: Tensor, steps_left: int, opts: SamplerOptions) -> Tensor:
@@ -234,15 +243,12 @@ def denoise(predict: Callable[[Tensor, int], Tensor], canvas: Tensor, mask_id: i
     canvas = canvas.clone()
     B, N = canvas.shape
     editable = canvas == mask_id
-    spans = opts.spans()
-    if opts.lead_tokens and opts.blocks == 1 and len(spans) > 1 and bool((field == 1).any()):
+    spans = pass_spans(opts, field)
+    if uses_lead(opts, field):
         reply_index = (field == 1).int().cumsum(-1) - 1  # (N,): index within the reply field
         lead = (field == 0) | ((field == 1) & (reply_index < opts.lead_tokens))
         block_of = torch.where(editable, torch.where(lead, 0, 1).expand(B, N), -1)
-        if not bool((block_of == 1).any()):  # a reply field no longer than the lead: one block
-            spans, block_of = [opts.steps], torch.where(editable, 0, -1)
     else:  # blocks split the editable positions, in order, into equal runs
-        spans = [opts.steps // opts.blocks] * opts.blocks
         order = editable.int().cumsum(-1) - 1  # (B, N): index among editable positions
         n_edit = editable.sum(-1, keepdim=True).clamp(min=1)
         block_of = torch.where(editable, order * opts.blocks // n_edit, -1)

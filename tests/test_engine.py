@@ -455,7 +455,12 @@ def test_lead_commits_the_cleaned_field_and_the_reply_start_first(tiny_engine):
 def test_lead_options_are_checked():
     with pytest.raises(RequestError, match="lead_steps"):
         SamplerOptions(steps=8, lead_tokens=8, lead_steps=8)
-    assert SamplerOptions(steps=8, lead_tokens=8, blocks=2).spans() == [4, 4], "blocks replace the lead"
-    assert SamplerOptions(steps=8, lead_tokens=8, blocks=4).spans() == [2, 2, 2, 2]
-    assert SamplerOptions(steps=8, lead_tokens=8).spans() == [4, 4]
-    assert SamplerOptions(steps=1, lead_tokens=8).spans() == [1]
+    from dllm.sampler import pass_spans, uses_lead
+    turn = torch.tensor([-1] + [0] * 8 + [-1] + [1] * 32)  # a voice turn's fields
+    assert pass_spans(SamplerOptions(steps=8, lead_tokens=8), turn) == [4, 4]
+    assert pass_spans(SamplerOptions(steps=8, lead_tokens=8, lead_steps=5), turn) == [5, 3]
+    assert pass_spans(SamplerOptions(steps=8, lead_tokens=8, blocks=4), turn) == [2, 2, 2, 2], "blocks replace the lead"
+    assert not uses_lead(SamplerOptions(steps=8, lead_tokens=8, blocks=2), turn)
+    assert pass_spans(SamplerOptions(steps=1, lead_tokens=8), turn) == [1]
+    assert pass_spans(SamplerOptions(steps=8, lead_tokens=32), turn) == [8], "a reply no longer than the lead"
+    assert pass_spans(SamplerOptions(steps=8, lead_tokens=8), turn[:10]) == [8], "a cleanup canvas has no lead"

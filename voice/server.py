@@ -447,6 +447,8 @@ class VoiceServer:
     async def _chat_events(self, task: asyncio.Task, canvases: asyncio.Queue, cid: str, *, show_canvas: bool):
         """The SSE stream: the role, each canvas (when asked), the reply in word deltas (its settled
         sentences while the pass goes on, the rest at its end), the end, [DONE]."""
+        from dllm.canvas import unsaid
+
         created = int(time.time())
         sent = ""  # the reply text sent so far, a prefix of the reply
 
@@ -457,8 +459,8 @@ class VoiceServer:
             while (snap := await canvases.get()) is not None:
                 if show_canvas:
                     yield A.sse(A.chat_chunk(cid, self.model, created, canvas=snap))
-                if len(snap.settled) > len(sent) and snap.settled.startswith(sent):
-                    for chunk in deltas(snap.settled[len(sent):]):
+                if len(snap.settled) > len(sent):
+                    for chunk in deltas(unsaid(snap.settled, sent)):
                         yield chunk
                     sent = snap.settled
             try:
@@ -468,7 +470,7 @@ class VoiceServer:
                 self.metrics.errors.labels(code).inc()
                 yield A.sse(A.error_body(status, message, code=code))
                 return
-            for chunk in deltas(result.reply[len(sent):] if result.reply.startswith(sent) else result.reply):
+            for chunk in deltas(unsaid(result.reply, sent)):
                 yield chunk
             yield A.sse(A.chat_chunk(cid, self.model, created, finish="stop"))
             yield A.sse("[DONE]")

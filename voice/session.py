@@ -308,16 +308,17 @@ class TurnStage(Stage):
         kw: dict = {"client": self.s.id, "priority": self._priority}  # the engine's queue serves clients fairly
         settled: asyncio.Queue[str] = asyncio.Queue()  # the settled reply as it grows, at most one per step
         speak_early = cfg.speak_early and self.s.services.synthesizer is not None
-        queued = [""]
+        queued = ""  # the longest settled reply put in `settled` so far
 
         def on_canvas(c) -> None:  # called on the loop by the engine, once per step
+            nonlocal queued
             if record.interrupted_at is not None:
                 return
             if cfg.canvas:
                 self.s.outbox.put_nowait(P.turn_canvas(record.turn_id, step=c.step, steps=c.steps, cleaned=c.cleaned,
                                                        reply=c.reply, masked=c.masked))
-            if speak_early and len(c.settled) > len(queued[0]) and c.step < c.steps:
-                queued[0] = c.settled
+            if speak_early and len(c.settled) > len(queued) and c.step < c.steps:
+                queued = c.settled
                 settled.put_nowait(c.settled)
         if cfg.canvas or speak_early:
             kw["on_canvas"] = on_canvas
@@ -384,8 +385,9 @@ class TTSStage(Stage):
 
         if self.s.services.synthesizer is None or record.interrupted_at is not None:
             return
-        rest = text[len(record.said):] if text.startswith(record.said) else text
-        record.said = text
+        from dllm.canvas import unsaid
+
+        rest, record.said = unsaid(text, record.said), text
         for sentence in split_sentences(rest):
             t0 = now()
             if record.speech_started is None:

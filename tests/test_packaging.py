@@ -31,3 +31,41 @@ def test_the_wheel_carries_the_page_and_serves_it(tmp_path):
     module, web, files = run.stdout.splitlines()
     assert module.startswith(str(site)) and web == str(site / "voice" / "web")
     assert "'index.html'" in files and "'app.js'" in files
+
+
+def _stub(folder: Path, name: str, body: str) -> None:
+    path = folder / name
+    path.write_text(f"#!/bin/sh\n{body}\n")
+    path.chmod(0o755)
+
+
+@pytest.mark.parametrize("present, installed", [
+    ({"chromium"}, "libportaudio2"),
+    ({"portaudio"}, "chromium"),
+    (set(), "chromium libportaudio2"),
+    ({"chromium", "portaudio"}, None),
+])
+def test_install_test_gets_each_system_package_on_its_own(tmp_path, present, installed):
+    """`install.sh --test` as root apt-installs exactly the system packages that are missing:
+    Chromium being there does not skip PortAudio, nor the other way round."""
+    import shutil
+    bin_dir, log = tmp_path / "bin", tmp_path / "apt.log"
+    bin_dir.mkdir()
+    (bin_dir / "dirname").symlink_to(shutil.which("dirname"))
+    _stub(bin_dir, "python", "exit 0")  # torch "is there", pip installs nothing
+    _stub(bin_dir, "id", "echo 0")
+    _stub(bin_dir, "apt-get", f'echo "$*" >> {log}')
+    _stub(bin_dir, "dpkg-query", "exit 1")
+    _stub(bin_dir, "ldconfig", "echo '\tlibportaudio.so.2 (libc6,x86-64) => /usr/lib/libportaudio.so.2'"
+          if "portaudio" in present else "exit 0")
+    if "chromium" in present:
+        _stub(bin_dir, "chromium", "exit 0")
+    run = subprocess.run([shutil.which("bash"), str(ROOT / "scripts" / "install.sh"), "--test"],
+                         capture_output=True, text=True, timeout=60,
+                         env={"PATH": str(bin_dir), "PYTHON": str(bin_dir / "python")})
+    assert run.returncode == 0, run.stderr
+    calls = log.read_text().splitlines() if log.exists() else []
+    if installed is None:
+        assert calls == []
+    else:
+        assert calls == ["update -qq", f"install -y -qq {installed}"]

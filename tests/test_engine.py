@@ -294,6 +294,59 @@ async def test_cancelled_request_leaves_its_batch():
         await eng.close()
 
 
+class _HeldSteps:
+    """Holds the engine's model thread at the LM head until released: a batch that is surely running."""
+
+    def __init__(self, eng) -> None:
+        import threading
+        self.running, self.release = threading.Event(), threading.Event()
+        self._hook = eng.model.lm_head.register_forward_pre_hook(self._hold)
+
+    def _hold(self, module, args) -> None:
+        self.running.set()
+        assert self.release.wait(30), "the test never released the batch"
+
+    async def wait_running(self) -> None:
+        assert await asyncio.to_thread(self.running.wait, 30), "the batch never started"
+
+    def done(self) -> None:
+        self._hook.remove()
+        self.release.set()
+
+
+async def test_request_cancelled_while_its_batch_runs_leaves_it():
+    """Cancelling a request mid-batch ends its wait at once; the batch's other requests get their
+    results, unchanged; a batch whose every request is cancelled stops before its K steps."""
+    eng = make_tiny_engine(batch_window_ms=20)
+    steps = eng.options.sampler.steps
+    alone = [eng.respond_sync(Turn(q)) for q in SHORT]
+    held = _HeldSteps(eng)
+    try:
+        tasks = [asyncio.create_task(eng.respond(Turn(q))) for q in SHORT]
+        await held.wait_running()
+        tasks[1].cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await tasks[1]
+        assert not tasks[0].done() and not tasks[2].done(), "the batch is still held"
+        held.release.set()
+        kept = await asyncio.gather(tasks[0], tasks[2])
+        assert [(r.cleaned, r.reply) for r in kept] == [(r.cleaned, r.reply) for r in (alone[0], alone[2])]
+
+        held.release.clear()
+        held.running.clear()
+        before = eng.forward_calls
+        lone = asyncio.create_task(eng.respond(Turn(SHORT[0])))
+        await held.wait_running()
+        lone.cancel()
+        held.done()
+        await eng.respond(Turn(SHORT[1]))  # runs once the abandoned batch has stopped
+        abandoned = eng.forward_calls - before - steps
+        assert abandoned < steps, abandoned
+    finally:
+        held.done()
+        await eng.close()
+
+
 async def test_queue_is_bounded():
     eng = make_tiny_engine(max_queue=2, batch_window_ms=200)
     try:

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 from .errors import ASRError, AudioFormatError, ModelLoadError, TranscriptionError
 from .transcribe import SAMPLE_RATE, Transcriber, TranscriberOptions
-from .vad import VAD, SpeechDiscarded, SpeechStarted, SpeechStopped, VADEvent, VADOptions
+from .turn_end import looks_finished
+from .vad import (VAD, SpeechDiscarded, SpeechPaused, SpeechResumed, SpeechStarted, SpeechStopped, VADEvent,
+                  VADOptions)
 
 __all__ = [
     "VAD",
@@ -22,6 +24,9 @@ __all__ = [
     "SpeechStarted",
     "SpeechStopped",
     "SpeechDiscarded",
+    "SpeechPaused",
+    "SpeechResumed",
+    "looks_finished",
     "Transcriber",
     "TranscriberOptions",
     "SAMPLE_RATE",

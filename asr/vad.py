@@ -10,9 +10,16 @@ of py-webrtcvad's `example.py` and the endpointers of streaming ASR systems:
   audio before it is kept, because the first phoneme is usually quieter than
   the frames that trip the trigger.
 - Speech stops after `hangover_ms` of unbroken non-speech (reason "silence"),
-  when the utterance reaches `max_utterance_ms` ("max_length"), or when the
-  caller calls `flush()` ("forced"). An utterance with less than
+  when the utterance reaches `max_utterance_ms` ("max_length"), when the
+  caller calls `flush()` ("forced"), or when the caller decides the speaker
+  has finished (`end_now()`, reason "early"). An utterance with less than
   `min_speech_ms` of voiced frames in it ends as `SpeechDiscarded` instead.
+- A pause (`pause_ms` of non-speech, shorter than the hang-over) is reported
+  as `SpeechPaused` with the audio so far, so the caller may start on the
+  turn during the silence; `SpeechResumed` follows if the speaker goes on.
+  The caller may then end the utterance at once (`end_now()`, when the words
+  so far make a finished sentence) or wait longer (`extend_hangover()`, when
+  they plainly do not).
 
 The detector is push-style and does no I/O: feed it bytes as they arrive and
 act on the events it returns. Every buffer it holds is bounded (the pending
@@ -29,9 +36,10 @@ import numpy as np
 
 from .errors import AudioFormatError
 
-__all__ = ["VAD", "VADOptions", "VADEvent", "SpeechStarted", "SpeechStopped", "SpeechDiscarded"]
+__all__ = ["VAD", "VADOptions", "VADEvent", "SpeechStarted", "SpeechStopped", "SpeechDiscarded",
+           "SpeechPaused", "SpeechResumed"]
 
-StopReason = Literal["silence", "max_length", "forced"]
+StopReason = Literal["silence", "max_length", "forced", "early"]
 
 _RATES = (8000, 16000, 32000, 48000)  # what webrtcvad accepts
 _FRAME_MS = (10, 20, 30)
@@ -59,6 +67,8 @@ class VADOptions:
             discarded (coughs, blips). Default 250.
         max_utterance_ms: longest utterance audio, pre-roll included; reaching
             it forces an endpoint. Default 15000.
+        pause_ms: non-speech after which a `SpeechPaused` is reported (once
+            per pause), shorter than `hangover_ms`; 0: never. Default 0.
     """
 
     sample_rate: int = 16000
@@ -71,6 +81,7 @@ class VADOptions:
     hangover_ms: int = 600
     min_speech_ms: int = 250
     max_utterance_ms: int = 15000
+    pause_ms: int = 0
 
     def __post_init__(self) -> None:
         if self.sample_rate not in _RATES:
@@ -89,6 +100,8 @@ class VADOptions:
             raise ValueError(
                 f"start_voiced_ms ({self.start_voiced_ms}) cannot exceed start_window_ms ({self.start_window_ms})"
             )
+        if not 0 <= self.pause_ms < self.hangover_ms:
+            raise ValueError(f"pause_ms ({self.pause_ms}) must lie in [0, hangover_ms ({self.hangover_ms}))")
         if self.post_roll_ms > self.hangover_ms:
             raise ValueError(f"post_roll_ms ({self.post_roll_ms}) cannot exceed hangover_ms ({self.hangover_ms})")
         # The utterance opens holding the pre-roll and the trigger window, and
@@ -137,6 +150,21 @@ class SpeechDiscarded(VADEvent):
     voiced_ms: int
 
 
+@dataclass(frozen=True, eq=False)
+class SpeechPaused(VADEvent):
+    """`pause_ms` of non-speech inside an open utterance. `t_ms` is the end of
+    the last voiced frame; `audio` is the utterance so far, as `SpeechStopped`
+    would give it if the pause turned out to be the end (less the post-roll
+    not yet heard). The utterance stays open."""
+
+    audio: np.ndarray = field(repr=False)
+
+
+@dataclass(frozen=True)
+class SpeechResumed(VADEvent):
+    """Speech again after a `SpeechPaused`, inside the same utterance."""
+
+
 class VAD:
     """Streaming endpointer over 16-bit little-endian mono PCM.
 
@@ -179,6 +207,8 @@ class VAD:
         self._voiced = 0
         self._last_voiced = 0  # index into _frames
         self._silence = 0
+        self._paused = False  # a SpeechPaused was reported for the silence now running
+        self._hangover_now = self._hangover  # this utterance's hang-over (extend_hangover)
 
     @property
     def in_speech(self) -> bool:
@@ -232,6 +262,26 @@ class VAD:
         self._clear()
         return events
 
+    def end_now(self) -> VADEvent | None:
+        """End the open utterance here: the caller has decided the speaker is done
+        (reason "early"; the audio runs to the end of what was fed, at most the
+        post-roll past the last voiced frame). None when not in speech."""
+        if not self.in_speech:
+            return None
+        keep = min(len(self._frames), self._last_voiced + 1 + self._post_roll)
+        return self._end("early", keep, (self._first + self._last_voiced + 1) * self.options.frame_ms)
+
+    def extend_hangover(self, ms: int) -> None:
+        """Wait for `ms` of non-speech (not less than the usual hang-over) before
+        ending the open utterance; the next utterance has the usual one again."""
+        if self.in_speech:
+            self._hangover_now = max(self._hangover, self.options._frames(ms))
+
+    @property
+    def silence_ms(self) -> int:
+        """Non-speech since the last voiced frame of the open utterance (0 when not in speech)."""
+        return self._silence * self.options.frame_ms if self.in_speech else 0
+
     def current_audio(self) -> np.ndarray:
         """The open utterance so far as int16 (pre-roll included), for partial
         transcripts; an empty array when not in speech. A copy."""
@@ -260,18 +310,28 @@ class VAD:
             return SpeechStarted(t_ms=(self._clock - len(history) + onset) * o.frame_ms)
 
         self._frames.append(frame)
+        resumed = None
         if voiced:
             self._voiced += 1
             self._last_voiced = len(self._frames) - 1
             self._silence = 0
+            if self._paused:
+                self._paused = False
+                resumed = SpeechResumed(t_ms=(self._clock - 1) * o.frame_ms)
         else:
             self._silence += 1
-        if self._silence >= self._hangover:
+        if self._silence >= self._hangover_now:
             keep = self._last_voiced + 1 + self._post_roll
             return self._end("silence", keep, (self._first + self._last_voiced + 1) * o.frame_ms)
         if len(self._frames) >= self._max_frames:
             return self._end("max_length", len(self._frames), self._clock * o.frame_ms)
-        return None
+        # A pause is news only for an utterance that would be kept if it ended here.
+        if (o.pause_ms and not self._paused and self._silence * o.frame_ms >= o.pause_ms
+                and self._voiced * o.frame_ms >= o.min_speech_ms):
+            self._paused = True
+            audio = np.frombuffer(b"".join(self._frames), dtype="<i2").astype(np.int16)
+            return SpeechPaused(t_ms=(self._first + self._last_voiced + 1) * o.frame_ms, audio=audio)
+        return resumed
 
     def _end(self, reason: StopReason, keep: int, t_ms: int) -> VADEvent:
         voiced_ms = self._voiced * self.options.frame_ms

@@ -3,6 +3,7 @@
     python -m voice.bench --n 10                  # a server in this process, default models
     python -m voice.bench --n 10 --url ws://127.0.0.1:8765
     python -m voice.bench --n 10 --lead 0,12      # without and with the early first sentence, same models
+    python -m voice.bench --n 10 --pause-ms 0,200 # waiting for the endpoint, or starting at a pause
 
 Each of N questions (a fixed list, spoken by piper and resampled to 16 kHz)
 goes to a fresh /ws session in 20 ms frames at real-time pace, followed by
@@ -46,7 +47,7 @@ QUESTIONS = [
     "Where do I pay for parking?",
 ]
 
-STAGES = ["endpoint_ms", "asr_wait_ms", "asr_ms", "settled_ms", "llm_ms", "llm_model_ms", "reply_ms",
+STAGES = ["pause_ms", "endpoint_ms", "asr_wait_ms", "asr_ms", "settled_ms", "llm_ms", "llm_model_ms", "reply_ms",
           "tts_first_ms", "first_audio_ms", "tts_ms", "total_ms"]
 
 
@@ -205,17 +206,24 @@ async def _main(args: argparse.Namespace) -> int:
         print(f"server: in-process at {url} (model {getattr(services.engine, 'name', '?')}, K={args.steps})")
     else:
         print(f"server: {url}")
-    leads = [None] if args.lead is None else [int(x) for x in args.lead.split(",")]
-    if server is None and args.lead is not None:
-        print("--lead needs the in-process server; ignored")
-        leads = [None]
+    # Variants run in turn on the same loaded models: the sampler's lead, or the pause that starts a turn.
+    variants: list[tuple[str, str, int]] = []
+    for name, value in (("lead_tokens", args.lead), ("pause_ms", args.pause_ms)):
+        if value is not None and server is None:
+            print(f"{name} variants need the in-process server; ignored")
+        elif value is not None:
+            variants += [(f"{name}={v}", name, int(v)) for v in value.split(",")]
     runs: dict[str, list[TurnSample]] = {}
     try:
-        for lead in leads:
-            label = "the server's default" if lead is None else f"lead_tokens={lead}"
-            if lead is not None:  # the same loaded models, another order of decoding
+        for label, name, value in variants or [("the server's default", "", 0)]:
+            if name == "lead_tokens":
                 engine = services.engine
-                engine.options = replace(engine.options, sampler=replace(engine.options.sampler, lead_tokens=lead))
+                engine.options = replace(engine.options, sampler=replace(engine.options.sampler, lead_tokens=value))
+            elif name == "pause_ms":
+                from asr import VADOptions
+                from .session import SessionConfig
+                server.options = replace(server.options, session=replace(SessionConfig(), vad=VADOptions(pause_ms=value)))
+            if name:
                 print(f"\n--- {label} ---")
             runs[label] = await run_bench(url, utterances, chunk_ms=args.chunk_ms, speed=args.speed)
     finally:
@@ -249,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", metavar="FILE", help="also write every turn's sample here")
     p.add_argument("--lead", help="comma list of SamplerOptions.lead_tokens to run in turn on the same models "
                                   "(in-process server), e.g. 0,12: the first sentence spoken before the pass ends")
+    p.add_argument("--pause-ms", help="comma list of asr.VADOptions.pause_ms to run in turn (in-process server), "
+                                      "e.g. 0,200: the turn waits for the endpoint, or starts at a 200 ms pause")
     args = p.parse_args(argv)
     if args.n < 1:
         p.error("--n must be at least 1")

@@ -55,6 +55,10 @@ def _add_session_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-utterance-ms", type=int, default=15000, help="longest utterance (default: 15000)")
     g.add_argument("--no-partials", action="store_true", help="no partial transcripts while speaking "
                    "(saves CPU and a little latency at the endpoint on small machines)")
+    g.add_argument("--pause-ms", type=int, default=200, help="silence after which the turn starts tentatively, "
+                   "dropped if the speaker goes on (default: 200; 0: wait for the endpoint)")
+    g.add_argument("--unfinished-hangover-ms", type=int, default=1500,
+                   help="silence that ends an utterance whose words sound unfinished (default: 1500)")
 
 
 def _session_config(args: argparse.Namespace):
@@ -63,10 +67,14 @@ def _session_config(args: argparse.Namespace):
     from .session import SessionConfig
     try:
         vad = VADOptions(hangover_ms=args.hangover_ms, post_roll_ms=min(300, args.hangover_ms),
-                         min_speech_ms=args.min_speech_ms, max_utterance_ms=args.max_utterance_ms)
+                         min_speech_ms=args.min_speech_ms, max_utterance_ms=args.max_utterance_ms,
+                         pause_ms=args.pause_ms)
+        if args.unfinished_hangover_ms < 0:
+            raise ValueError(f"--unfinished-hangover-ms must not be negative, got {args.unfinished_hangover_ms}")
     except ValueError as e:
         raise VoiceError(f"bad endpointing option: {e}") from e
-    return SessionConfig(vad=vad, partial_every_ms=0 if args.no_partials else SessionConfig.partial_every_ms)
+    return SessionConfig(vad=vad, partial_every_ms=0 if args.no_partials else SessionConfig.partial_every_ms,
+                         unfinished_hangover_ms=args.unfinished_hangover_ms)
 
 
 def build_parser() -> argparse.ArgumentParser:

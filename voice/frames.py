@@ -12,6 +12,7 @@ the `Conversation` keeps as history: only what the user actually heard.
 """
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ import numpy as np
 
 __all__ = [
     "Frame", "Interrupt", "End", "AudioIn", "EndOfInput", "TextIn", "StopRequest", "Utterance",
-    "PartialRequest", "FinalRequest", "TranscriptReady", "ReplyReady", "SpeechChunk", "ReplyEnd",
+    "PartialRequest", "FinalRequest", "TranscriptReady", "ReplyReady", "SpeechChunk", "ReplyEnd", "EndpointHint",
     "TurnRecord", "Conversation",
 ]
 
@@ -57,6 +58,16 @@ class TurnRecord:
     said: str = ""  # the reply text handed to speech so far, a prefix of the reply
     said_sentences: int = 0
     speech_started: float | None = None  # when the first sentence went to speech
+    # Begun at a pause, before the endpoint: the stages work on it, but nothing of it reaches the client
+    # (`held` keeps its events, the output stage waits on `confirmed`) until the endpoint confirms it.
+    # If the speaker goes on instead, it is dropped without a trace.
+    tentative: bool = False
+    held: list[str | bytes] = field(default_factory=list)
+    confirmed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        if not self.tentative:
+            self.confirmed.set()
 
     def add_sentence(self, text: str, seconds: float, at: float) -> None:
         if self.first_audio is None:
@@ -101,11 +112,18 @@ class Conversation:
         self._turns: deque[TurnRecord] = deque(maxlen=max_turns + 1)  # + the one in progress
         self._next_id = 1
 
-    def begin(self, *, typed: bool, started: float, user: str = "") -> TurnRecord:
-        record = TurnRecord(self._next_id, typed, started, user=user)
+    def begin(self, *, typed: bool, started: float, user: str = "", tentative: bool = False) -> TurnRecord:
+        record = TurnRecord(self._next_id, typed, started, user=user, tentative=tentative)
         self._next_id += 1
         self._turns.append(record)
         return record
+
+    def discard(self, record: TurnRecord) -> None:
+        """Forget a tentative turn the speaker talked over (it never was a turn)."""
+        if record in self._turns:
+            self._turns.remove(record)
+            if record.turn_id == self._next_id - 1:  # the client never saw its number: reuse it
+                self._next_id -= 1
 
     @property
     def current(self) -> TurnRecord | None:
@@ -141,7 +159,7 @@ class Frame:
 class Interrupt(Frame):
     """Drop queued work and cancel running work; `turn` is the turn cut short."""
 
-    reason: str  # "speech" (barge-in), "client" (stop button), "text" (a new typed turn)
+    reason: str  # "speech" (barge-in), "client" (stop button), "text" (a new typed turn), "resumed" (a tentative turn)
     turn: TurnRecord | None = None
 
 
@@ -194,6 +212,14 @@ class PartialRequest(Frame):
 class FinalRequest(Frame):
     turn: TurnRecord
     audio: np.ndarray = field(repr=False)  # int16, 16 kHz, the whole utterance
+
+
+@dataclass(eq=False)
+class EndpointHint(Frame):
+    """From the transcript of a tentative turn, to the input stage: does it read as finished?"""
+
+    turn: TurnRecord
+    finished: bool
 
 
 @dataclass(eq=False)

@@ -12,6 +12,16 @@ engine's own thread, so the event loop only moves frames. The design follows
 Pipecat's pipelines; the timing metric follows its "voice-to-voice" latency:
 from the end of the user's speech to the first reply audio sent.
 
+Using the silence: at a short pause (`asr.VADOptions.pause_ms`, before the
+hang-over that ends an utterance) the input stage starts a *tentative* turn on
+the audio so far: Whisper, then the dLLM pass and piper, all while the
+endpointer still listens. Nothing of it reaches the client until the endpoint
+confirms it (`TurnRecord.tentative`; its events are held, its audio waits).
+If the speaker goes on, the tentative turn is dropped through the barge-in
+path without a trace. Its transcript also judges the end of the turn
+(`asr.looks_finished`): a finished sentence ends the utterance at once, an
+unfinished one waits `unfinished_hangover_ms` instead of the usual hang-over.
+
 Barge-in: when the user starts speaking (or types, or presses stop) while a
 turn is being computed or its reply is still playing, the input stage marks
 the turn interrupted and sends an `Interrupt` down the pipeline. Each stage
@@ -39,9 +49,9 @@ import numpy as np
 
 from . import protocol as P
 from .audio import StreamResampler, pcm_chunks
-from .frames import (AudioIn, Conversation, End, EndOfInput, FinalRequest, Frame, Interrupt, PartialRequest,
-                     ReplyEnd, ReplyReady, ReplySettled, SpeechChunk, StopRequest, TextIn, TranscriptReady,
-                     TurnRecord, Utterance, now)
+from .frames import (AudioIn, Conversation, End, EndOfInput, EndpointHint, FinalRequest, Frame, Interrupt,
+                     PartialRequest, ReplyEnd, ReplyReady, ReplySettled, SpeechChunk, StopRequest, TextIn,
+                     TranscriptReady, TurnRecord, Utterance, now)
 from .pipeline import Outbox, Stage, cancel_and_wait
 from .services import Services
 
@@ -54,7 +64,10 @@ ASR_RATE = 16000  # the VAD and Whisper both work at 16 kHz
 
 def _default_vad():
     from asr import VADOptions
-    return VADOptions(sample_rate=ASR_RATE, frame_ms=30)
+    return VADOptions(sample_rate=ASR_RATE, frame_ms=30, pause_ms=DEFAULT_PAUSE_MS)
+
+
+DEFAULT_PAUSE_MS = 200  # silence after which a tentative turn starts (scripts/endpoint_sweep.py)
 
 
 @dataclass(frozen=True)
@@ -82,6 +95,11 @@ class SessionConfig:
         asr_timeout_s, turn_timeout_s, tts_timeout_s: limits on one model call.
         speak_early: send the reply's first sentences to speech as soon as the
             pass has settled them (`dllm.canvas.settled_reply`), before it ends.
+        end_when_finished: when the tentative turn's transcript reads as a
+            finished sentence (`asr.looks_finished`), end the utterance then,
+            without waiting out the hang-over. Needs `vad.pause_ms` > 0.
+        unfinished_hangover_ms: the silence that ends an utterance whose
+            tentative transcript reads as unfinished (0: the usual hang-over).
     """
 
     input_sample_rate: int = 16000
@@ -102,6 +120,8 @@ class SessionConfig:
     turn_timeout_s: float = 180.0
     tts_timeout_s: float = 60.0
     speak_early: bool = True
+    end_when_finished: bool = True
+    unfinished_hangover_ms: int = 1500
 
     def __post_init__(self) -> None:
         if self.input_sample_rate not in P.INPUT_SAMPLE_RATES:
@@ -145,6 +165,7 @@ class InputStage(Stage):
         self.vad = VAD(cfg.vad or _default_vad())
         self.samples = 0  # 16 kHz samples fed to the VAD
         self.utterance: Utterance | None = None
+        self.tentative: TurnRecord | None = None  # begun at a pause of the open utterance
         self._utterances = 0
         self._arrivals: deque[tuple[float, float]] = deque(maxlen=256)  # (stream ms at chunk end, arrival)
 
@@ -168,6 +189,8 @@ class InputStage(Stage):
             await self.push(TranscriptReady(record, frame.text))
         elif isinstance(frame, StopRequest):
             await self._barge_in("client")
+        elif isinstance(frame, EndpointHint):
+            await self._on_hint(frame)
         else:
             await self.push(frame)
 
@@ -195,18 +218,25 @@ class InputStage(Stage):
         return now()
 
     async def _on_vad(self, ev) -> None:
-        from asr import SpeechDiscarded, SpeechStarted, SpeechStopped
+        from asr import SpeechDiscarded, SpeechPaused, SpeechResumed, SpeechStarted, SpeechStopped
 
         if isinstance(ev, SpeechStarted):
             await self.s.emit(P.speech_started(ev.t_ms))
             await self._barge_in("speech")
             self._utterances += 1
             self.utterance = Utterance(self._utterances, last_partial_samples=self.samples)
+        elif isinstance(ev, SpeechPaused):
+            await self._begin_tentative(ev)
+        elif isinstance(ev, SpeechResumed):
+            await self._drop_tentative()
         elif isinstance(ev, SpeechStopped):
             if self.utterance is not None:
                 self.utterance.ended = True
             self.utterance = None
             await self.s.emit(P.speech_stopped(ev.t_ms))
+            if self.tentative is not None:  # the pause was the end: the turn under way is the turn
+                await self._confirm(ev)
+                return
             await self._barge_in("turn")
             speech_end = min(self._arrival(ev.t_ms), now())
             record = self.s.conversation.begin(typed=False, started=speech_end)
@@ -217,11 +247,58 @@ class InputStage(Stage):
             if self.utterance is not None:
                 self.utterance.ended = True
             self.utterance = None
+            await self._drop_tentative()
             await self.s.emit(P.speech_stopped(ev.t_ms, discarded=True))
+
+    async def _begin_tentative(self, ev) -> None:
+        """Start the turn on the audio so far, while the endpointer still listens."""
+        if self.tentative is not None or self.s.conversation.active(now()) is not None:
+            return  # one at a time, and never over a reply still playing
+        speech_end = min(self._arrival(ev.t_ms), now())
+        record = self.s.conversation.begin(typed=False, started=speech_end, tentative=True)
+        record.timings["pause_ms"] = record.timings["endpoint_ms"] = _ms(speech_end)
+        record.timings["speech_ms"] = len(ev.audio) * 1000 / ASR_RATE
+        self.tentative = record
+        if self.utterance is not None:  # a partial now would only make the final wait for Whisper
+            self.utterance.ended = True
+        await self.push(FinalRequest(record, ev.audio))
+
+    async def _drop_tentative(self) -> None:
+        """The speaker went on: the tentative turn was not a turn. Its work stops; the client saw nothing."""
+        record, self.tentative = self.tentative, None
+        if record is None:
+            return
+        if self.utterance is not None:  # partials again (one queued before the pause may have been dropped)
+            self.utterance.ended = self.utterance.partial_pending = False
+        record.interrupt("resumed", now())
+        self.s.conversation.discard(record)
+        await self.push(Interrupt("resumed", record))
+
+    async def _confirm(self, ev=None) -> None:
+        """The endpoint: the tentative turn becomes the turn, and what it held goes to the client."""
+        record, self.tentative = self.tentative, None
+        if ev is not None and ev.reason != "silence":  # the utterance ended another way: say when
+            record.timings["speech_ms"] = len(ev.audio) * 1000 / ASR_RATE
+        record.timings["endpoint_ms"] = _ms(record.started)
+        await self.s.confirm(record)
+
+    async def _on_hint(self, hint: EndpointHint) -> None:
+        """The tentative turn's transcript says whether the speaker sounds finished."""
+        cfg = self.s.config
+        if hint.turn is not self.tentative:
+            return  # dropped or confirmed meanwhile
+        if hint.finished and cfg.end_when_finished:
+            ev = self.vad.end_now()
+            if ev is not None:
+                await self._on_vad(ev)
+        elif not hint.finished and cfg.unfinished_hangover_ms:
+            self.vad.extend_hangover(cfg.unfinished_hangover_ms)
 
     async def _maybe_partial(self) -> None:
         u, cfg = self.utterance, self.s.config
-        if u is None or u.partial_pending or cfg.partial_every_ms <= 0 or not self.vad.in_speech:
+        if u is None or u.partial_pending or u.ended or cfg.partial_every_ms <= 0 or not self.vad.in_speech:
+            return
+        if self.vad.silence_ms:  # maybe the end: a partial started now would delay the final
             return
         if (self.samples - u.last_partial_samples) * 1000 < cfg.partial_every_ms * ASR_RATE:
             return
@@ -239,6 +316,9 @@ class InputStage(Stage):
             return
         record = self.s.conversation.active(now())
         if record is None:
+            return
+        if record is self.tentative:
+            await self._drop_tentative()
             return
         record.interrupt(reason, now())
         await self.push(Interrupt(reason, record))
@@ -276,11 +356,14 @@ class ASRStage(Stage):
             text = await self._transcribe(frame.audio)
             record.timings["asr_ms"] = _ms(t0)
             record.user = text
-            await self.s.emit(P.transcript_final(record.turn_id, text))
+            await self.s.emit_turn(record, P.transcript_final(record.turn_id, text))
+            if text:
+                await self.push(TranscriptReady(record, text))
+            if record.tentative:  # the words judge the endpoint
+                from asr import looks_finished
+                await self.s.hint_endpoint(EndpointHint(record, looks_finished(text)))
             if not text:  # nothing intelligible: the turn ends here
                 await self.s.finish_turn(record)
-                return
-            await self.push(TranscriptReady(record, text))
         else:
             await self.push(frame)
 
@@ -315,7 +398,7 @@ class TurnStage(Stage):
             if record.interrupted_at is not None:
                 return
             if cfg.canvas:
-                self.s.outbox.put_nowait(P.turn_canvas(record.turn_id, step=c.step, steps=c.steps, cleaned=c.cleaned,
+                self.s.emit_turn_nowait(record, P.turn_canvas(record.turn_id, step=c.step, steps=c.steps, cleaned=c.cleaned,
                                                        reply=c.reply, masked=c.masked))
             if speak_early and len(c.settled) > len(queued) and c.step < c.steps:
                 queued = c.settled
@@ -343,8 +426,8 @@ class TurnStage(Stage):
         record.timings["llm_ms"] = _ms(t0)
         record.timings["llm_model_ms"] = float(result.ms)
         record.cleaned, record.reply = result.cleaned, result.reply
-        await self.s.emit(P.turn_cleaned(record.turn_id, result.cleaned))
-        await self.s.emit(P.turn_reply(record.turn_id, result.reply))
+        await self.s.emit_turn(record, P.turn_cleaned(record.turn_id, result.cleaned))
+        await self.s.emit_turn(record, P.turn_reply(record.turn_id, result.reply))
         record.timings["reply_ms"] = _ms(record.started)  # end of speech (or typing) to the reply text
         await self.push(ReplyReady(record, result.reply))
 
@@ -410,6 +493,8 @@ class OutputStage(Stage):
 
     async def process(self, frame: Frame) -> None:
         s = self.s
+        if isinstance(frame, (SpeechChunk, ReplyEnd)):
+            await frame.turn.confirmed.wait()  # a tentative turn's audio waits for the endpoint
         if isinstance(frame, SpeechChunk):
             record = frame.turn
             if record.interrupted_at is not None:
@@ -430,7 +515,7 @@ class OutputStage(Stage):
 
     async def on_interrupt(self, frame: Interrupt) -> None:
         record = frame.turn
-        if record is None:
+        if record is None or record.tentative:  # the client never heard of a tentative turn
             return
         if record.first_audio is not None:
             await self.s.outbox.drop_audio()
@@ -544,6 +629,31 @@ class VoiceSession:
     async def emit(self, item: str | bytes) -> None:
         await self.outbox.put(item)
 
+    async def emit_turn(self, record: TurnRecord, item: str | bytes) -> None:
+        """An event of a turn: sent now, or held until the endpoint if the turn is tentative."""
+        if record.tentative:
+            record.held.append(item)  # bounded: a turn has a handful of events (and K canvases)
+        else:
+            await self.outbox.put(item)
+
+    def emit_turn_nowait(self, record: TurnRecord, item: str | bytes) -> None:
+        """`emit_turn` from a callback on the loop; dropped if the outbox is full."""
+        if record.tentative:
+            record.held.append(item)
+        else:
+            self.outbox.put_nowait(item)
+
+    async def confirm(self, record: TurnRecord) -> None:
+        """The endpoint confirmed a tentative turn: send what it held, in order, and let its audio go."""
+        while record.held:
+            await self.outbox.put(record.held.pop(0))
+        record.tentative = False  # no await since the last check: nothing can slip in behind
+        record.confirmed.set()
+
+    async def hint_endpoint(self, hint: EndpointHint) -> None:
+        """Tell the input stage what a tentative turn's words say of the endpoint."""
+        await self.input.inbox.put(hint)
+
     async def next_event(self) -> str | bytes | None:
         """The next thing to send to the client; None once the session is closed."""
         return await self.outbox.get()
@@ -561,7 +671,7 @@ class VoiceSession:
         record.timings["total_ms"] = _ms(record.started)
         record.finish(now())
         v2v = None if record.typed or record.first_audio is None else _ms(record.started, record.first_audio)
-        await self.emit(P.turn_done(record.turn_id, timings=dict(record.timings), voice_to_voice_ms=v2v))
+        await self.emit_turn(record, P.turn_done(record.turn_id, timings=dict(record.timings), voice_to_voice_ms=v2v))
 
     async def _report(self, exc: BaseException, frame: Frame) -> None:
         """A stage's error, as an error event; a turn it broke is closed."""
@@ -582,7 +692,8 @@ class VoiceSession:
                 code, message = P.ErrorCode.ASR_FAILED, str(exc)
         log.warning("session %s: %s on %s: %s", self.id, code, type(frame).__name__, exc,
                     exc_info=exc if code == P.ErrorCode.INTERNAL else None)
-        await self.emit(P.error(code, message, turn_id=record.turn_id if record else None))
+        event = P.error(code, message, turn_id=record.turn_id if record else None)
+        await (self.emit(event) if record is None else self.emit_turn(record, event))
         if record is not None:
             if record.first_audio is not None and record.finished_at is None:
                 await self.emit(P.audio_end(record.turn_id))

@@ -178,6 +178,56 @@ def test_model_errors_map_to_codes():
     assert P.error_code_for(KeyError("x")) == "internal"
 
 
+def test_server_events_are_records_whose_json_is_the_wire_text():
+    """Each event is a frozen record; its to_json is exactly the text the builder of its name sends."""
+    import dataclasses
+    records_and_texts = [
+        (P.SessionReady("s1", input_sample_rate=16000, output_sample_rate=24000, steps=8),
+         '{"type":"session.ready","session_id":"s1","protocol":1,"input_sample_rate":16000,'
+         '"output_sample_rate":24000,"steps":8}'),
+        (P.SpeechStopped(900), '{"type":"vad.speech_stopped","t_ms":900}'),
+        (P.TranscriptFinal(2, "héllo"), '{"type":"transcript.final","turn_id":2,"text":"héllo"}'),
+        (P.AudioStart(2, 24000),
+         '{"type":"audio.start","turn_id":2,"sample_rate":24000,"encoding":"pcm_s16le","channels":1}'),
+        (P.TurnInterrupted(2, reason="barge_in", heard="Hi."),
+         '{"type":"turn.interrupted","turn_id":2,"reason":"barge_in","heard":"Hi."}'),
+        (P.TurnDone(2, timings={"asr_ms": 1.26}, voice_to_voice_ms=None),
+         '{"type":"turn.done","turn_id":2,"timings":{"asr_ms":1.3},"voice_to_voice_ms":null}'),
+        (P.Error("busy", "later"), '{"type":"error","code":"busy","message":"later"}'),
+        (P.CleanupError(None, "bad_json", "x"), '{"type":"error","id":null,"code":"bad_json","message":"x"}'),
+    ]
+    for record, text in records_and_texts:
+        assert record.to_json() == text
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            record.type = "other"  # type: ignore[misc]
+    assert P.turn_done(2, timings={"asr_ms": 1.26}, voice_to_voice_ms=None) == records_and_texts[5][1]
+    assert P.cleanup_error(None, "bad_json", "x") == records_and_texts[-1][1]
+
+
+def test_each_failure_is_a_voice_error_with_its_code_and_status():
+    """A model package's error becomes the voice error for its failure (code, HTTP status, message, cause);
+    anything else is internal and tells the client only its type."""
+    from asr import TranscriptionError
+    from dllm import EngineBusy, EngineClosed, RequestError
+    from tts import SynthesisError
+
+    from voice import errors as E
+    for theirs, ours, code, status in [
+        (EngineBusy("full"), E.Busy, "busy", 503), (RequestError("too long"), E.TurnRefused, "bad_turn", 400),
+        (EngineClosed("gone"), E.TurnFailed, "llm_failed", 500),
+        (TranscriptionError("x"), E.RecognitionFailed, "asr_failed", 500),
+        (SynthesisError("x", "s"), E.SynthesisFailed, "tts_failed", 500),
+    ]:
+        err = E.as_voice_error(theirs)
+        assert type(err) is ours and (err.code, err.status) == (code, status)
+        assert err.message == str(theirs) and err.__cause__ is theirs
+    bug = E.as_voice_error(KeyError("secret"))
+    assert isinstance(bug, E.InternalError) and bug.code == "internal" and bug.message == "internal error (KeyError)"
+    refused = ProtocolError("bad_audio", "odd")
+    assert E.as_voice_error(refused) is refused and refused.status == 400
+    assert E.NoRecognizer().code == "asr_failed" and E.TurnTimedOut("slow").status == 504
+
+
 # ----- hostile input (issue 10's fuzz findings): a ProtocolError with a code, never another exception
 
 HUGE = "9" * 401  # json parses it; float() of it overflows

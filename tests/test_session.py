@@ -369,3 +369,13 @@ async def test_finish_runs_queued_work_to_the_end():
     assert await session.finish(timeout=60)
     events, audio = await collector
     assert audio > 0 and not session.running
+
+
+async def test_speech_without_a_recognizer_is_an_asr_error():
+    """Speech reaching a server with no Whisper loaded ends its turn with asr_failed, saying to type instead."""
+    session = await start(services(asr=False, tts=False))
+    await feed_pcm(session, speech())
+    events, _ = await collect(session, "turn.done")
+    await session.close()
+    error, = [e for e in events if e["type"] == "error"]
+    assert error["code"] == "asr_failed" and "typed turns" in error["message"] and error["turn_id"] == 1

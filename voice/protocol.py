@@ -1,8 +1,10 @@
 """The wire protocol of `/ws` (voice sessions) and `/cleanup`, as pure functions.
 
 Nothing here touches a socket: `parse_frame` turns one received WebSocket
-frame into a message dataclass or raises `ProtocolError` with an error code,
-and the `build` functions turn events into the JSON text the server sends.
+frame into a message dataclass or raises `ProtocolError` with an error code;
+each server event is a frozen record too (`ServerEvent`), whose `to_json` is
+the text the server sends, and a function of the event's name builds and
+serialises one (`turn_done(...)` is `TurnDone(...).to_json()`).
 The server (`voice.server`) is a thin shell around these, in the manner of
 websockets' own I/O-free protocol core. `docs/protocol.md` is the reference
 for client authors.
@@ -27,19 +29,23 @@ error; binary frames of reply PCM (16-bit LE mono at output_sample_rate).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
-from dataclasses import dataclass
-from typing import Any, Union
+from dataclasses import KW_ONLY, dataclass
+from collections.abc import Callable
+from typing import Any, ClassVar, Union
 
-from .errors import ProtocolError
+from .errors import ErrorCode, ProtocolError, as_voice_error
 
 __all__ = [
     "PROTOCOL_VERSION", "INPUT_SAMPLE_RATES", "OUTPUT_SAMPLE_RATES", "MAX_AUDIO_FRAME_BYTES",
     "MAX_TEXT_FRAME_BYTES", "MAX_MESSAGE_BYTES", "MAX_TEXT_CHARS", "MAX_KNOWLEDGE_CHARS", "MAX_STEPS",
     "ErrorCode", "SessionStart", "Audio", "InputEnd", "TextTurn", "Interrupt", "ClientMessage",
     "CleanupRequest", "parse_frame", "parse_json", "parse_cleanup", "loads_object", "is_integer", "parse_server_event",
-    "build",
+    "build", "ServerEvent", "SessionReady", "SpeechStarted", "SpeechStopped", "TranscriptPartial",
+    "TranscriptFinal", "TurnCleaned", "TurnCanvas", "TurnReply", "AudioStart", "AudioEnd", "AudioFlush",
+    "TurnInterrupted", "TurnDone", "Error", "CleanupResult", "CleanupError",
     "session_ready", "speech_started", "speech_stopped", "transcript_partial", "transcript_final",
     "turn_cleaned", "turn_canvas", "turn_reply", "audio_start", "audio_end", "audio_flush", "turn_interrupted",
     "turn_done", "error", "cleanup_result", "cleanup_error", "error_code_for",
@@ -59,30 +65,6 @@ MAX_KNOWLEDGE_CHARS = 16000  # the turn keeps the first 384 tokens anyway
 MAX_STEPS = 64
 MAX_DEADLINE_MS = 60_000
 MAX_ID_CHARS = 200
-
-
-class ErrorCode:
-    """The `code` of an `error` event. Errors are not fatal unless the server closes."""
-
-    BAD_JSON = "bad_json"  # a text frame that is not a JSON object
-    BAD_MESSAGE = "bad_message"  # a known type with missing or invalid fields
-    UNKNOWN_TYPE = "unknown_type"
-    NOT_STARTED = "not_started"  # anything but session.start before session.start
-    ALREADY_STARTED = "already_started"
-    BAD_SAMPLE_RATE = "bad_sample_rate"
-    BAD_AUDIO = "bad_audio"  # odd-length PCM (a sample split in two)
-    FRAME_TOO_LARGE = "frame_too_large"
-    NO_SPEECH = "no_speech"  # input.end with nothing said
-    BAD_TURN = "bad_turn"  # the model refused the turn (too long, empty)
-    BUSY = "busy"  # too many sessions or requests; retry later
-    ASR_FAILED = "asr_failed"
-    LLM_FAILED = "llm_failed"
-    TTS_FAILED = "tts_failed"
-    IDLE = "idle_timeout"  # no message, or no turn, for too long: the server closes (1008)
-    TOO_FAST = "too_fast"  # audio sent faster than real time; frames dropped until the client slows down
-    FORBIDDEN = "forbidden"  # an Origin or Host the server does not allow (HTTP 403)
-    UNAUTHORIZED = "unauthorized"  # a missing or wrong token (HTTP 401)
-    INTERNAL = "internal"
 
 
 # ----- client messages
@@ -324,104 +306,233 @@ def parse_server_event(data: str) -> dict:
 
 
 # ----- server events
+#
+# Each event is a small frozen record; `to_json` is its one serialisation. The
+# functions below build and serialise one in a call, for the session's emit sites.
 
 def build(kind: str, **fields: Any) -> str:
     """One server event as compact JSON; fields that are None are left out."""
-    return json.dumps({"type": kind, **{k: v for k, v in fields.items() if v is not None}},
-                      separators=(",", ":"), ensure_ascii=False)
+    return _dumps({"type": kind, **{k: v for k, v in fields.items() if v is not None}})
+
+
+def _dumps(obj: dict) -> str:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
 
 
 def _ms(x: float | None) -> float | None:
     return None if x is None else round(float(x), 1)
 
 
-def session_ready(session_id: str, *, input_sample_rate: int, output_sample_rate: int, steps: int) -> str:
-    return build("session.ready", session_id=session_id, protocol=PROTOCOL_VERSION,
-                 input_sample_rate=input_sample_rate, output_sample_rate=output_sample_rate, steps=steps)
+@dataclass(frozen=True)
+class ServerEvent:
+    """A text frame the server sends. A subclass names its `type` and declares its
+    fields in wire order; `to_json` writes them after "type", leaving out those that
+    are None, except the ones in `nullable`, which the protocol sends as null."""
+
+    type: ClassVar[str]
+    nullable: ClassVar[frozenset[str]] = frozenset()
+
+    def fields(self) -> dict[str, Any]:
+        """The wire fields after "type", in order; overridden where a value is shaped on the way out."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def to_json(self) -> str:
+        return _dumps({"type": self.type,
+                       **{k: v for k, v in self.fields().items() if v is not None or k in self.nullable}})
 
 
-def speech_started(t_ms: int) -> str:
-    return build("vad.speech_started", t_ms=t_ms)
+@dataclass(frozen=True)
+class _TurnEvent(ServerEvent):
+    """An event that names its turn and nothing more."""
+
+    turn_id: int
 
 
-def speech_stopped(t_ms: int, *, discarded: bool = False) -> str:
-    """`discarded`: too little speech to be words (a cough); no transcript follows."""
-    return build("vad.speech_stopped", t_ms=t_ms, discarded=discarded or None)
+@dataclass(frozen=True)
+class _TurnText(ServerEvent):
+    """A turn's text: its transcript, cleaned transcript or reply."""
+
+    turn_id: int
+    text: str
 
 
-def transcript_partial(text: str) -> str:
-    return build("transcript.partial", text=text)
+@dataclass(frozen=True)
+class SessionReady(ServerEvent):
+    type = "session.ready"
+    session_id: str
+    _: KW_ONLY
+    protocol: int = PROTOCOL_VERSION
+    input_sample_rate: int
+    output_sample_rate: int
+    steps: int
 
 
-def transcript_final(turn_id: int, text: str) -> str:
-    return build("transcript.final", turn_id=turn_id, text=text)
+@dataclass(frozen=True)
+class SpeechStarted(ServerEvent):
+    type = "vad.speech_started"
+    t_ms: int
 
 
-def turn_cleaned(turn_id: int, text: str) -> str:
-    return build("turn.cleaned", turn_id=turn_id, text=text)
+@dataclass(frozen=True)
+class SpeechStopped(ServerEvent):
+    """`discarded`: too little speech to be words (a cough); no transcript follows. Sent only when true."""
+
+    type = "vad.speech_stopped"
+    t_ms: int
+    _: KW_ONLY
+    discarded: bool = False
+
+    def fields(self) -> dict[str, Any]:
+        return {"t_ms": self.t_ms, "discarded": self.discarded or None}
 
 
-def turn_canvas(turn_id: int, *, step: int, steps: int, cleaned: str, reply: str, masked: int) -> str:
+@dataclass(frozen=True)
+class TranscriptPartial(ServerEvent):
+    type = "transcript.partial"
+    text: str
+
+
+@dataclass(frozen=True)
+class TranscriptFinal(_TurnText):
+    type = "transcript.final"
+
+
+@dataclass(frozen=True)
+class TurnCleaned(_TurnText):
+    type = "turn.cleaned"
+
+
+@dataclass(frozen=True)
+class TurnCanvas(ServerEvent):
     """A draft: the canvas after `step` of `steps` denoising steps; masked positions show as `░`."""
-    return build("turn.canvas", turn_id=turn_id, step=step, steps=steps, cleaned=cleaned, reply=reply,
-                 masked=masked)
+
+    type = "turn.canvas"
+    turn_id: int
+    _: KW_ONLY
+    step: int
+    steps: int
+    cleaned: str
+    reply: str
+    masked: int
 
 
-def turn_reply(turn_id: int, text: str) -> str:
-    return build("turn.reply", turn_id=turn_id, text=text)
+@dataclass(frozen=True)
+class TurnReply(_TurnText):
+    type = "turn.reply"
 
 
-def audio_start(turn_id: int, sample_rate: int) -> str:
-    return build("audio.start", turn_id=turn_id, sample_rate=sample_rate, encoding="pcm_s16le", channels=1)
+@dataclass(frozen=True)
+class AudioStart(ServerEvent):
+    type = "audio.start"
+    turn_id: int
+    sample_rate: int
+    encoding: str = "pcm_s16le"
+    channels: int = 1
 
 
-def audio_end(turn_id: int) -> str:
-    return build("audio.end", turn_id=turn_id)
+@dataclass(frozen=True)
+class AudioEnd(_TurnEvent):
+    type = "audio.end"
 
 
-def audio_flush(turn_id: int) -> str:
+@dataclass(frozen=True)
+class AudioFlush(_TurnEvent):
     """Drop every queued sample of this turn's reply and stop playing it now."""
-    return build("audio.flush", turn_id=turn_id)
+
+    type = "audio.flush"
 
 
-def turn_interrupted(turn_id: int, *, reason: str, heard: str) -> str:
+@dataclass(frozen=True)
+class TurnInterrupted(ServerEvent):
     """The turn was cut short; `heard` is the part of the reply kept in the history."""
-    return build("turn.interrupted", turn_id=turn_id, reason=reason, heard=heard)
+
+    type = "turn.interrupted"
+    turn_id: int
+    _: KW_ONLY
+    reason: str
+    heard: str
 
 
-def turn_done(turn_id: int, *, timings: dict[str, float | None], voice_to_voice_ms: float | None) -> str:
-    """`timings` per stage in ms; `voice_to_voice_ms` is null for typed turns and silent replies."""
-    return json.dumps({"type": "turn.done", "turn_id": turn_id,
-                       "timings": {k: _ms(v) for k, v in timings.items()},
-                       "voice_to_voice_ms": _ms(voice_to_voice_ms)}, separators=(",", ":"))
+@dataclass(frozen=True)
+class TurnDone(ServerEvent):
+    """`timings` per stage in ms (0.1 ms); `voice_to_voice_ms` is null for typed turns and silent replies."""
+
+    type = "turn.done"
+    nullable = frozenset({"voice_to_voice_ms"})
+    turn_id: int
+    _: KW_ONLY
+    timings: dict[str, float | None]
+    voice_to_voice_ms: float | None
+
+    def fields(self) -> dict[str, Any]:
+        return {"turn_id": self.turn_id, "timings": {k: _ms(v) for k, v in self.timings.items()},
+                "voice_to_voice_ms": _ms(self.voice_to_voice_ms)}
 
 
-def error(code: str, message: str, *, turn_id: int | None = None) -> str:
-    return build("error", code=code, message=message, turn_id=turn_id)
+@dataclass(frozen=True)
+class Error(ServerEvent):
+    """A `/ws` error; `turn_id` names the turn it ended, if any."""
+
+    type = "error"
+    code: str
+    message: str
+    _: KW_ONLY
+    turn_id: int | None = None
 
 
-def cleanup_result(rid: Any, text: str, cleaned: str, *, ms: float) -> str:
-    return json.dumps({"type": "cleanup.result", "id": rid, "text": text, "cleaned": cleaned, "ms": _ms(ms)},
-                      separators=(",", ":"), ensure_ascii=False)
+@dataclass(frozen=True)
+class CleanupResult(ServerEvent):
+    type = "cleanup.result"
+    nullable = frozenset({"id"})
+    id: Any  # the request's id, as given
+    text: str
+    cleaned: str
+    _: KW_ONLY
+    ms: float
+
+    def fields(self) -> dict[str, Any]:
+        return {"id": self.id, "text": self.text, "cleaned": self.cleaned, "ms": _ms(self.ms)}
 
 
-def cleanup_error(rid: Any, code: str, message: str) -> str:
-    return json.dumps({"type": "error", "id": rid, "code": code, "message": message},
-                      separators=(",", ":"), ensure_ascii=False)
+@dataclass(frozen=True)
+class CleanupError(ServerEvent):
+    """A `/cleanup` error; `id` is the request's, or null when the frame had none."""
+
+    type = "error"
+    nullable = frozenset({"id"})
+    id: Any
+    code: str
+    message: str
+
+
+def _builder(record: type[ServerEvent]) -> Callable[..., str]:
+    """A function that takes `record`'s arguments and returns its wire text."""
+    def build_event(*args: Any, **kwargs: Any) -> str:
+        return record(*args, **kwargs).to_json()
+    build_event.__doc__ = record.__doc__
+    build_event.__wrapped__ = record  # inspect.signature shows the record's arguments
+    return build_event
+
+
+# What the session's emit sites call: `turn_done(...)` is `TurnDone(...).to_json()`.
+session_ready = _builder(SessionReady)
+speech_started = _builder(SpeechStarted)
+speech_stopped = _builder(SpeechStopped)
+transcript_partial = _builder(TranscriptPartial)
+transcript_final = _builder(TranscriptFinal)
+turn_cleaned = _builder(TurnCleaned)
+turn_canvas = _builder(TurnCanvas)
+turn_reply = _builder(TurnReply)
+audio_start = _builder(AudioStart)
+audio_end = _builder(AudioEnd)
+audio_flush = _builder(AudioFlush)
+turn_interrupted = _builder(TurnInterrupted)
+turn_done = _builder(TurnDone)
+error = _builder(Error)
+cleanup_result = _builder(CleanupResult)
+cleanup_error = _builder(CleanupError)
 
 
 def error_code_for(exc: BaseException) -> str:
-    """The protocol error code for an exception raised by a model package."""
-    # Imported by name, lazily, so the protocol stays importable without the models.
-    names = {c.__name__ for c in type(exc).__mro__}
-    if "EngineBusy" in names:
-        return ErrorCode.BUSY
-    if "RequestError" in names:
-        return ErrorCode.BAD_TURN
-    if "DLLMError" in names:
-        return ErrorCode.LLM_FAILED
-    if "ASRError" in names:
-        return ErrorCode.ASR_FAILED
-    if "TTSError" in names:
-        return ErrorCode.TTS_FAILED
-    return ErrorCode.INTERNAL
+    """The protocol error code a client is told for `exc` (see `voice.errors.as_voice_error`)."""
+    return as_voice_error(exc).code

@@ -52,7 +52,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDiscon
 from . import access
 from . import api as A
 from . import protocol as P
-from .errors import ProtocolError, VoiceError
+from .errors import InternalError, ProtocolError, TurnTimedOut, VoiceError, as_voice_error
 from .limits import AudioBudget
 from .metrics import CONTENT_TYPE_LATEST, Metrics
 from .pipeline import cancel_and_wait
@@ -224,9 +224,13 @@ class VoiceServer:
 
     # ----- lifecycle
 
-    async def start(self) -> None:
+    async def prepare(self) -> None:
+        """All of `start` but listening: for a host that serves `app` itself (a Ray Serve ingress)."""
         self._files = _load_web(self.options.web_dir or default_web_dir())
         await self.services.start()
+
+    async def start(self) -> None:
+        await self.prepare()
         self._socket = socket.create_server((self.options.host, self.options.port))
         config = uvicorn.Config(
             self.app, ws="websockets-sansio", lifespan="off", log_config=None, access_log=False,
@@ -361,12 +365,12 @@ class VoiceServer:
             try:
                 response = await handler(request)
             except Exception as e:
-                status, code, message = _api_error(e)
-                if status >= 500 and code == "internal":
+                err = _client_error(e)
+                if isinstance(err, InternalError):
                     log.exception("%s failed", route)
-                self.metrics.errors.labels(code).inc()
-                response = JSONResponse(A.error_body(status, message, code=code, param=getattr(e, "param", None)),
-                                        status)
+                self.metrics.errors.labels(err.code).inc()
+                response = JSONResponse(A.error_body(err.status, err.message, code=err.code,
+                                                     param=getattr(e, "param", None)), err.status)
             self.metrics.http.labels(route, str(response.status_code)).inc()
             return response
         return endpoint
@@ -397,8 +401,9 @@ class VoiceServer:
             if isinstance(r, BaseException):
                 if not isinstance(r, Exception):
                     raise r
-                status, code, message = _api_error(r)
-                raise A.ApiError(status, message if body.single else f"texts[{i}]: {message}", code=code) from r
+                err = _client_error(r)
+                raise A.ApiError(err.status, err.message if body.single else f"texts[{i}]: {err.message}",
+                                 code=err.code) from r
         ms = (time.perf_counter() - t0) * 1000
         self.metrics.stage.labels("dllm").observe(ms / 1000)
         cleaned = [r if isinstance(r, str) else r.cleaned for r in results]
@@ -466,9 +471,9 @@ class VoiceServer:
             try:
                 result = task.result()
             except Exception as e:  # the status line is gone: the error travels in the stream
-                status, code, message = _api_error(e)
-                self.metrics.errors.labels(code).inc()
-                yield A.sse(A.error_body(status, message, code=code))
+                err = _client_error(e)
+                self.metrics.errors.labels(err.code).inc()
+                yield A.sse(A.error_body(err.status, err.message, code=err.code))
                 return
             for chunk in deltas(unsaid(result.reply, sent)):
                 yield chunk
@@ -649,16 +654,12 @@ class VoiceServer:
                 ms = (time.perf_counter() - t0) * 1000
                 self.metrics.stage.labels("dllm").observe(ms / 1000)
                 await out.put(P.cleanup_result(req.id, req.text, cleaned, ms=ms))
-            except asyncio.TimeoutError:
-                self.metrics.errors.labels(P.ErrorCode.LLM_FAILED).inc()
-                await out.put(P.cleanup_error(req.id, P.ErrorCode.LLM_FAILED, "the cleanup timed out"))
             except Exception as e:
-                code = P.error_code_for(e)
-                if code == P.ErrorCode.INTERNAL:
+                err = _client_error(e, timed_out="the cleanup timed out")
+                if isinstance(err, InternalError):
                     log.exception("cleanup failed")
-                self.metrics.errors.labels(code).inc()
-                await out.put(P.cleanup_error(req.id, code, str(e) if code != P.ErrorCode.INTERNAL
-                                              else f"internal error ({type(e).__name__})"))
+                self.metrics.errors.labels(err.code).inc()
+                await out.put(P.cleanup_error(req.id, err.code, err.message))
             finally:
                 slots.release()
 
@@ -723,16 +724,12 @@ def _http_client(request: Request) -> str:
     return f"http {request.client.host}" if request.client else "http"
 
 
-def _api_error(exc: BaseException) -> tuple[int, str, str]:
-    """(HTTP status, error code, message) for a failed HTTP API request."""
-    if isinstance(exc, A.ApiError):
-        return exc.status, exc.code, exc.message
+def _client_error(exc: Exception, *, timed_out: str = "the model did not answer in time") -> VoiceError:
+    """What a client is told of a failed request: a timeout of the model call, as `timed_out`
+    says; anything else as `voice.errors.as_voice_error` maps it (with its code and HTTP status)."""
     if isinstance(exc, asyncio.TimeoutError):
-        return 504, P.ErrorCode.LLM_FAILED, "the model did not answer in time"
-    code = P.error_code_for(exc)
-    status = {P.ErrorCode.BUSY: 503, P.ErrorCode.BAD_TURN: 400, P.ErrorCode.LLM_FAILED: 500}.get(code, 500)
-    message = str(exc) if code != P.ErrorCode.INTERNAL else f"internal error ({type(exc).__name__})"
-    return status, code, message
+        return TurnTimedOut(timed_out)
+    return as_voice_error(exc)
 
 
 def _version() -> str:

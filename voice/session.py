@@ -47,6 +47,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from . import errors as E
 from . import protocol as P
 from .audio import StreamResampler, pcm_chunks
 from .frames import (AudioIn, Conversation, End, EndOfInput, EndpointHint, FinalRequest, Frame, Interrupt,
@@ -677,21 +678,22 @@ class VoiceSession:
         """A stage's error, as an error event; a turn it broke is closed."""
         self.errors += 1
         record = getattr(frame, "turn", None)
-        if isinstance(exc, asyncio.TimeoutError):
-            code, message = P.ErrorCode.INTERNAL, "a model call timed out"
+        if isinstance(exc, asyncio.TimeoutError):  # a stage's limit on one model call: that model failed
+            failed: type[E.VoiceError] = E.InternalError
             if isinstance(frame, (FinalRequest, PartialRequest)):
-                code = P.ErrorCode.ASR_FAILED
+                failed = E.RecognitionFailed
             elif isinstance(frame, TranscriptReady):
-                code = P.ErrorCode.LLM_FAILED
+                failed = E.TurnFailed
             elif isinstance(frame, ReplyReady):
-                code = P.ErrorCode.TTS_FAILED
+                failed = E.SynthesisFailed
+            err = failed("a model call timed out")
+        elif isinstance(frame, (FinalRequest, PartialRequest)) and self.services.transcriber is None:
+            err = E.NoRecognizer()
         else:
-            code = P.error_code_for(exc)
-            message = str(exc) if code != P.ErrorCode.INTERNAL else f"internal error ({type(exc).__name__})"
-            if isinstance(exc, RuntimeError) and "speech recognizer" in str(exc):
-                code, message = P.ErrorCode.ASR_FAILED, str(exc)
+            err = E.as_voice_error(exc)
+        code, message = err.code, err.message
         log.warning("session %s: %s on %s: %s", self.id, code, type(frame).__name__, exc,
-                    exc_info=exc if code == P.ErrorCode.INTERNAL else None)
+                    exc_info=exc if isinstance(err, E.InternalError) else None)
         event = P.error(code, message, turn_id=record.turn_id if record else None)
         await (self.emit(event) if record is None else self.emit_turn(record, event))
         if record is not None:

@@ -1,10 +1,11 @@
 """The server over real WebSocket connections on 127.0.0.1 (port 0).
 
-Two servers: `real` runs the packaged dLLM, Whisper and piper; `scripted`
-runs Whisper and piper with a `ScriptedEngine`, for the tests about the
-server's and the pipeline's behaviour (bad input, barge-in) where the reply
-must be known and non-empty. Bad-input tests check that a second, healthy
-session on the same server still completes a turn afterwards.
+Three servers: `real` runs the packaged dLLM, Whisper and piper; `strict` runs
+them too, with a short session.start timeout and no partials, for the bad-input
+tests, which check that a second, healthy session on the same server still
+completes a turn afterwards; `scripted` runs Whisper and piper with a
+`ScriptedEngine`, for barge-in and output rates, where the reply must be known,
+long and non-empty.
 """
 from __future__ import annotations
 
@@ -42,6 +43,16 @@ def engine_base(base_engine):
 async def real(engine_base):
     engine = fresh_engine(engine_base, batch_window_ms=30.0)
     server = VoiceServer(Services(engine, transcriber(), synthesizer()), ServerOptions(port=0))
+    await server.start()
+    yield server
+    await server.close()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def strict(engine_base):
+    engine = fresh_engine(engine_base, batch_window_ms=30.0)
+    server = VoiceServer(Services(engine, transcriber(), synthesizer()),
+                         ServerOptions(port=0, start_timeout_s=1.5, session=SessionConfig(partial_every_ms=0)))
     await server.start()
     yield server
     await server.close()
@@ -138,6 +149,36 @@ async def test_typed_turn_after_a_client_vanished_mid_reply(real):
     assert done["voice_to_voice_ms"] is None and done["timings"]["llm_ms"] > 0
 
 
+async def test_two_sessions_take_turns_at_the_same_time(real):
+    """Two sessions sending typed turns at the same moment share the engine's batches, and each gets only
+    its own turns: its own turn ids and cleaned text, one turn.done a turn, no error."""
+    engine = real.services.engine
+    asks = {"pool": ["um when does the the pool close", "and is the pool open on sunday"],
+            "station": ["uh where is the the train station", "and is the station far from here"]}
+    clients = {key: await ready(real.url) for key in asks}
+    before = engine.forward_calls
+
+    async def turn(key: str, text: str) -> list[dict]:
+        client = clients[key]
+        start = len(client.events)
+        await client.send_json(type="text", text=text)
+        await client.until("turn.done", 180)
+        return client.events[start:]
+
+    for round_ in range(2):
+        events = await asyncio.gather(*(turn(key, texts[round_]) for key, texts in asks.items()))
+        for key, got in zip(asks, events):
+            other = next(k for k in asks if k != key)
+            mine = [e for e in got if e["type"] in ("turn.cleaned", "turn.reply", "turn.done")]
+            assert {e["turn_id"] for e in mine} == {round_ + 1}, got  # (the last reply may be flushed first)
+            cleaned = [e["text"] for e in got if e["type"] == "turn.cleaned"]
+            assert len(cleaned) == 1 and key in words(cleaned[0]) and other not in words(cleaned[0]), cleaned
+            assert [e["type"] for e in got].count("turn.done") == 1 and "error" not in [e["type"] for e in got]
+    for client in clients.values():
+        await client.close()
+    assert engine.forward_calls - before < 4 * real.services.steps  # turns asked together shared a batch
+
+
 async def test_cleanup_batches_concurrent_requests(real):
     """Concurrent /cleanup requests all get answers with their ids, in fewer engine steps than one by one."""
     from websockets.asyncio.client import connect
@@ -175,10 +216,10 @@ async def test_healthz_and_page(real):
 
 # ----- bad input: an error event or a clean close, and other sessions unaffected
 
-async def test_missing_session_start(scripted):
+async def test_missing_session_start(strict):
     """Audio or text before session.start gets not_started; a session.start afterwards still works."""
-    witness = await ready(scripted.url)
-    client = await Client.open(scripted.url + "/ws", start_session=False)
+    witness = await ready(strict.url)
+    client = await Client.open(strict.url + "/ws", start_session=False)
     await client.ws.send(b"\x00\x00" * 160)
     assert (await client.until("error"))["code"] == "not_started"
     await client.send_json(type="text", text="hi")
@@ -186,12 +227,12 @@ async def test_missing_session_start(scripted):
     await client.send_json(type="session.start", sample_rate=16000)
     await client.until("session.ready")
     await client.close()
-    await still_works(scripted, witness)
+    await still_works(strict, witness)
 
 
-async def test_no_session_start_in_time_closes(scripted):
+async def test_no_session_start_in_time_closes(strict):
     """A client that never sends session.start gets an error and a policy close (1008)."""
-    client = await Client.open(scripted.url + "/ws", start_session=False)
+    client = await Client.open(strict.url + "/ws", start_session=False)
     event = await client.until("error", 10)
     assert event["code"] == "not_started" and "session.start" in event["message"]
     with pytest.raises(ConnectionClosed):
@@ -199,10 +240,10 @@ async def test_no_session_start_in_time_closes(scripted):
     assert client.ws.close_code == 1008
 
 
-async def test_wrong_session_start(scripted):
+async def test_wrong_session_start(strict):
     """An unsupported rate, a bad field and a second session.start each get a clear error."""
-    witness = await ready(scripted.url)
-    client = await Client.open(scripted.url + "/ws", sample_rate=11025)
+    witness = await ready(strict.url)
+    client = await Client.open(strict.url + "/ws", sample_rate=11025)
     err = await client.until("error")
     assert err["code"] == "bad_sample_rate" and "16000" in err["message"]
     await client.send_json(type="session.start", sample_rate=16000, steps="many")
@@ -212,12 +253,12 @@ async def test_wrong_session_start(scripted):
     await client.send_json(type="session.start", sample_rate=16000)
     assert (await client.until("error"))["code"] == "already_started"
     await client.close()
-    await still_works(scripted, witness)
+    await still_works(strict, witness)
 
 
-async def test_odd_length_pcm_and_bad_messages(scripted):
+async def test_odd_length_pcm_and_bad_messages(strict):
     """Odd-length PCM, malformed JSON and unknown types get errors and the same session carries on."""
-    client = await ready(scripted.url)
+    client = await ready(strict.url)
     await client.ws.send(b"\x00" * 641)
     assert (await client.until("error"))["code"] == "bad_audio"
     await client.ws.send("{this is not json")
@@ -227,13 +268,13 @@ async def test_odd_length_pcm_and_bad_messages(scripted):
     assert err["code"] == "unknown_type" and "dance" in err["message"]
     await client.send_json(type="text", text=123)
     assert (await client.until("error"))["code"] == "bad_message"
-    await still_works(scripted, client)
+    await still_works(strict, client)
 
 
-async def test_oversized_frames(scripted):
+async def test_oversized_frames(strict):
     """A frame over 64 KiB is refused with an error; one over the 1 MiB message limit closes the connection (1009)."""
-    witness = await ready(scripted.url)
-    client = await ready(scripted.url)
+    witness = await ready(strict.url)
+    client = await ready(strict.url)
     await client.ws.send(bytes(P.MAX_AUDIO_FRAME_BYTES + 2))
     err = await client.until("error")
     assert err["code"] == "frame_too_large" and str(P.MAX_AUDIO_FRAME_BYTES) in err["message"]
@@ -241,8 +282,8 @@ async def test_oversized_frames(scripted):
     with pytest.raises(ConnectionClosed):
         await client.recv_event(10)
     assert client.ws.close_code == 1009
-    await sessions_drain_one(scripted, keep=1)
-    await still_works(scripted, witness)
+    await sessions_drain_one(strict, keep=1)
+    await still_works(strict, witness)
 
 
 async def sessions_drain_one(server: VoiceServer, keep: int, timeout: float = 10.0) -> None:
@@ -252,21 +293,21 @@ async def sessions_drain_one(server: VoiceServer, keep: int, timeout: float = 10
     assert len(server.sessions) == keep
 
 
-async def test_client_vanishes_mid_utterance(scripted):
+async def test_client_vanishes_mid_utterance(strict):
     """A client that drops its TCP connection halfway through speaking is cleaned up; others carry on."""
-    witness = await ready(scripted.url)
-    client = await ready(scripted.url)
+    witness = await ready(strict.url)
+    client = await ready(strict.url)
     pcm = speech(QUESTION)
     await client.send_audio(pcm[: len(pcm) // 2])
     await client.until("vad.speech_started")
     client.ws.transport.abort()
-    await sessions_drain_one(scripted, keep=1)
-    await still_works(scripted, witness)
+    await sessions_drain_one(strict, keep=1)
+    await still_works(strict, witness)
 
 
-async def test_too_many_sessions(scripted):
+async def test_too_many_sessions(strict):
     """Past max_sessions a new client gets a busy error and close 1013; the others are untouched."""
-    server = VoiceServer(scripted.services, ServerOptions(port=0, max_sessions=1))
+    server = VoiceServer(strict.services, ServerOptions(port=0, max_sessions=1))
     await server.start()
     try:
         first = await ready(server.url)

@@ -1,7 +1,8 @@
 """Session stages fed messages directly (no sockets): order of events, interruption, history.
 
-Whisper and piper are the real packaged models; the dLLM is a `ScriptedEngine`
-so that replies (and their timing) are under the test's control.
+Whisper and piper are the real packaged models, and so is the dLLM (`real_engine`)
+where the test is not about a reply's content or timing; there a `ScriptedEngine`
+keeps replies (and their timing) under the test's control.
 """
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import json
 
 import numpy as np
 import pytest
-from voice_helpers import QUESTION, ScriptedEngine, speech, synthesizer, transcriber, words
+import pytest_asyncio
+from voice_helpers import QUESTION, ScriptedEngine, fresh_engine, speech, synthesizer, transcriber, words
 
 from voice import protocol as P
 from voice.audio import StreamResampler, pcm_chunks
@@ -22,6 +24,14 @@ from voice.session import SessionConfig, VoiceSession
 
 def services(engine=None, *, asr=True, tts=True) -> Services:
     return Services(engine or ScriptedEngine(), transcriber() if asr else None, synthesizer() if tts else None)
+
+
+@pytest_asyncio.fixture
+async def real_engine(base_engine):
+    """The packaged dLLM (conftest's weights, loaded once), with a worker on this test's loop."""
+    engine = fresh_engine(base_engine)
+    yield engine
+    await engine.close()
 
 
 async def start(svc: Services, **config) -> VoiceSession:
@@ -206,9 +216,9 @@ async def test_spoken_turn_events_in_order():
     assert done["voice_to_voice_ms"] == pytest.approx(done["timings"]["first_audio_ms"], abs=0.2)
 
 
-async def test_partial_transcripts_while_speaking():
+async def test_partial_transcripts_while_speaking(real_engine):
     """With partials on, a transcript.partial arrives between speech start and stop when audio comes in real time."""
-    session = VoiceSession(services(), SessionConfig(partial_every_ms=600, min_partial_ms=500))
+    session = VoiceSession(services(real_engine), SessionConfig(partial_every_ms=600, min_partial_ms=500))
     await session.start()
     pcm = speech("Please tell me how late the swimming pool stays open tonight.")
     events: list[dict] = []
@@ -228,29 +238,29 @@ async def test_partial_transcripts_while_speaking():
     assert any(w in words(partials[0]["text"]) for w in ("please", "tell", "me", "how"))
 
 
-async def test_resampled_input_is_transcribed():
+async def test_resampled_input_is_transcribed(real_engine):
     """48 kHz input is resampled to 16 kHz for the VAD and Whisper."""
-    session = await start(services(ScriptedEngine(reply="")), input_sample_rate=48000)
+    session = await start(services(real_engine), input_sample_rate=48000)
     await feed_pcm(session, speech(QUESTION, rate=48000), chunk=960)
     events, _ = await collect(session, "transcript.final")
     await session.close()
     assert {"library", "saturday"} <= set(words(events[-1]["text"]))
 
 
-async def test_input_end_forces_the_endpoint():
+async def test_input_end_forces_the_endpoint(real_engine):
     """input.end ends the utterance at once (no trailing silence needed); with no speech it is an error."""
-    session = await start(services(ScriptedEngine(reply="")))
+    session = await start(services(real_engine))
     await session.feed(P.InputEnd())
     events, _ = await collect(session, "error")
     assert events[-1]["code"] == "no_speech"
     await feed_pcm(session, speech(QUESTION, tail_s=0.0))
     await session.feed(P.InputEnd())
-    events, _ = await collect(session, "turn.done")
+    events, audio = await collect(session, "turn.done")
     await session.close()
     types = [e["type"] for e in events]
     assert "vad.speech_stopped" in types and "transcript.final" in types
-    assert "audio.start" not in types  # an empty reply is not spoken
-    assert events[-1]["voice_to_voice_ms"] is None
+    reply = next(e["text"] for e in events if e["type"] == "turn.reply")
+    assert (audio > 0) == bool(reply) == (events[-1]["voice_to_voice_ms"] is not None)  # spoken iff said
 
 
 async def test_typed_turn_and_empty_reply():
@@ -361,14 +371,15 @@ async def test_model_error_becomes_an_error_event_and_the_session_goes_on():
     assert events[-1]["turn_id"] == 2 and session.running is False
 
 
-async def test_finish_runs_queued_work_to_the_end():
+async def test_finish_runs_queued_work_to_the_end(real_engine):
     """finish() lets a turn queued before the end complete, then stops every stage."""
-    session = await start(services(ScriptedEngine(reply="Okay.")))
+    session = await start(services(real_engine))
     await session.feed(P.TextTurn("hello"))
     collector = asyncio.create_task(collect(session, "turn.done"))
     assert await session.finish(timeout=60)
     events, audio = await collector
-    assert audio > 0 and not session.running
+    reply = next(e["text"] for e in events if e["type"] == "turn.reply")
+    assert (audio > 0) == bool(reply) and not session.running
 
 
 async def test_speech_without_a_recognizer_is_an_asr_error():

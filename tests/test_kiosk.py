@@ -5,6 +5,7 @@ from collections.abc import AsyncIterator
 
 import numpy as np
 import pytest
+from conftest import make_tiny_engine
 from voice_helpers import QUESTION, ScriptedEngine, fresh_engine, speech, synthesizer, \
     transcriber, words
 
@@ -92,11 +93,12 @@ async def test_kiosk_passes_the_knowledge_card_and_plays_at_the_speaker_rate():
 
 async def test_half_duplex_kiosk_does_not_hear_itself():
     """While the speaker plays, mic audio is muted (no echo canceller), so nothing starts a turn."""
-    engine = ScriptedEngine(reply="Hello.")
+    engine = make_tiny_engine()  # a real engine that is never asked (the tiny model: nothing to wait for)
     services = Services(engine, transcriber(), synthesizer())
     mic, speaker = FakeMicrophone(speech(QUESTION)), FakeSpeaker(always_busy=True)
     result = await run_kiosk(services, mic, speaker, KioskOptions(), on_event=lambda e: None)
-    assert not result.of("vad.speech_started") and not engine.calls
+    await engine.close()
+    assert not result.of("vad.speech_started") and engine.forward_calls == 0
 
 
 def test_no_audio_device_is_a_clear_error():

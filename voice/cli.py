@@ -2,6 +2,7 @@
 
     voice serve   [--host 127.0.0.1] [--port 8765] [--model PATH] [--device cpu|cuda] [--steps K]
                   [--asr-model DIR] [--voice FILE.onnx]
+                  [--ray [ADDRESS]] [--replicas PART=N] [--num-cpus PART=F] [--num-gpus PART=F] [--redeploy]
     voice kiosk   [--knowledge FILE] [--barge-in] [model options]
     voice respond --text "..." | --audio in.wav  [--out reply.wav] [--knowledge TEXT_OR_FILE] [--json]
     voice cleanup [--steps K] < lines of {"text": ...}
@@ -20,6 +21,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from .errors import DeviceError, ServiceLoadError, VoiceError
 
@@ -116,6 +118,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="close a connection that sends nothing for S seconds (default: 120)")
     g.add_argument("--no-turn-timeout", type=float, default=600.0, metavar="S",
                    help="close a voice session with no turn for S seconds (default: 600)")
+    g = p.add_argument_group("Ray Serve (pip install 'voice[ray]'; see the README)")
+    g.add_argument("--ray", nargs="?", const="auto", metavar="ADDRESS",
+                   help="run the models as Ray Serve deployments and serve this front end over them: join the "
+                   "Ray instance at ADDRESS (default: the running one), or start a local one on 127.0.0.1")
+    g.add_argument("--replicas", action="append", default=[], metavar="PART=N",
+                   help="replicas of a part (dllm, asr, tts; default 1 each); repeat for more parts")
+    g.add_argument("--num-cpus", action="append", default=[], metavar="PART=F",
+                   help="CPUs each replica of a part reserves (default 1)")
+    g.add_argument("--num-gpus", action="append", default=[], metavar="PART=F",
+                   help="GPUs each replica of a part reserves (default 0; 0.25 puts four on one GPU)")
+    g.add_argument("--redeploy", action="store_true",
+                   help="deploy the parts again even if they are running (default: reuse running ones)")
     _add_model_options(p)
     _add_session_options(p)
 
@@ -186,8 +200,48 @@ def cmd_serve(args: argparse.Namespace) -> int:
         token=args.token, insecure=args.insecure, certfile=Path(args.certfile) if args.certfile else None,
         keyfile=Path(args.keyfile) if args.keyfile else None, max_steps=min(max(args.max_steps, args.steps), 64),
         idle_timeout_s=args.idle_timeout, turnless_timeout_s=args.no_turn_timeout, max_turn_ms=args.max_turn_ms)
+    if args.ray:
+        return _serve_on_ray(args, options)
     services = Services.load(_model_options(args))
     asyncio.run(run_server(services, options))
+    return 0
+
+
+def _part_values(items: list[str], flag: str, kind: type) -> dict[str, Any]:
+    """{"dllm": value, ...} from PART=VALUE flags."""
+    from .cluster import APPS
+    out: dict[str, Any] = {}
+    for item in items:
+        part, _, value = item.partition("=")
+        if part not in APPS or not value:
+            raise VoiceError(f"{flag} takes PART=VALUE with PART one of {', '.join(APPS)}; got {item!r}")
+        try:
+            out[part] = kind(value)
+        except ValueError:
+            raise VoiceError(f"{flag} {item!r}: {value!r} is not a number") from None
+    return out
+
+
+def _serve_on_ray(args: argparse.Namespace, options) -> int:
+    """`voice serve --ray`: the models as deployments (reused if running), this process the front end."""
+    from .cluster import APPS, ClusterOptions, PartOptions, connect, deploy, init_ray
+    from .server import run_server
+
+    parts: dict[str, dict[str, Any]] = {part: {} for part in APPS}
+    for flag, key, kind in (("--replicas", "replicas", int), ("--num-cpus", "num_cpus", float),
+                            ("--num-gpus", "num_gpus", float)):
+        for part, value in _part_values(getattr(args, key), flag, kind).items():
+            parts[part][key] = value
+    cluster = ClusterOptions(models=_model_options(args), dllm=PartOptions(**{"max_ongoing": 64, **parts["dllm"]}),
+                             asr=PartOptions(**parts["asr"]), tts=PartOptions(**parts["tts"]))
+    init_ray(args.ray)
+    from ray import serve
+    serve.start(proxy_location="Disabled")  # this process is the front end: no Serve HTTP proxy
+    deploy(cluster, redeploy=args.redeploy)
+
+    async def run() -> None:
+        await run_server(await connect(), options)
+    asyncio.run(run())
     return 0
 
 

@@ -162,47 +162,50 @@ class Engine:
         return self._repeat_ok_cache
 
     def _predictor(self, prompt: Tensor, valid: Tensor, p_pos: Tensor, c_pos: Tensor, key_valid: Tensor,
-                   cache: str, block_starts: set[int]) -> Callable[[Tensor, int], Tensor]:
-        """The per-step function: canvas (B, N) -> logits (B, N, V) for the canvas. The approximate
-        cache refreshes the prompt at `block_starts`, the steps that open a block of the pass."""
+                   cache: str, block_starts: set[int]) -> Callable[[Tensor, int, Tensor], Tensor]:
+        """The per-step function: canvas (B, N), step, cols (C,) -> logits (B, C, V) for those canvas
+        positions. The whole canvas runs through the blocks; only the positions the sampler may commit
+        this step go through the LM head (a fifth of a step's work per position, at SmolLM2's size).
+        The approximate cache refreshes the prompt at `block_starts`, the steps that open a block."""
         model, shift, P = self.model, self.cfg.shift_logits, prompt.shape[1]
         state: dict[str, object] = {}
+
+        def rows(h: Tensor, last: Tensor) -> Tensor:
+            """(B, N, D): the hidden state each canvas position is read from; with shifted logits,
+            position j is read from row j - 1, and position 0 from the prompt's last row `last`."""
+            return torch.cat([last, h[:, :-1]], dim=1) if shift else h
 
         def full(canvas: Tensor, save: bool) -> tuple[Tensor, KVCache | None]:
             tokens = torch.cat([prompt, canvas], dim=1)
             pos = torch.cat([p_pos, c_pos], dim=1)
             h, kv = model.hidden(tokens, pos, prefix_len=P, key_valid=key_valid, save_cache=save)
-            h = h[:, P - 1: -1] if shift else h[:, P:]
-            return model.lm_head(h), kv
+            return (h[:, P - 1: -1] if shift else h[:, P:]), kv
 
         def with_cache(canvas: Tensor) -> Tensor:
-            kv, last = state["kv"], state["last"]
-            h, _ = model.hidden(canvas, c_pos, prefix_len=P, key_valid=key_valid, cache=kv)
-            if shift:  # canvas position j is read from row j - 1; row -1 is the prompt's last
-                return torch.cat([last, model.lm_head(h[:, :-1])], dim=1)
-            return model.lm_head(h)
+            h, _ = model.hidden(canvas, c_pos, prefix_len=P, key_valid=key_valid, cache=state["kv"])
+            return rows(h, state["last"])
 
-        def exact(canvas: Tensor, step: int) -> Tensor:
+        def exact(canvas: Tensor, step: int, cols: Tensor) -> Tensor:
             self.forward_calls += 1
             if "kv" not in state:
                 h, kv = model.hidden(prompt, p_pos, prefix_len=P, key_valid=valid, save_cache=True)
-                state["kv"], state["last"] = kv, model.lm_head(h[:, -1:])
-            return with_cache(canvas)
+                state["kv"], state["last"] = kv, h[:, -1:]
+            return model.lm_head(with_cache(canvas)[:, cols])
 
-        def approx(canvas: Tensor, step: int) -> Tensor:
+        def approx(canvas: Tensor, step: int, cols: Tensor) -> Tensor:
             self.forward_calls += 1
             if step in block_starts:  # refresh at each block's start
-                logits, kv = full(canvas, save=True)
+                h, kv = full(canvas, save=True)
                 kv.keys = [k[:, :, :P] for k in kv.keys]
                 kv.values = [v[:, :, :P] for v in kv.values]
                 kv.valid = valid
-                state["kv"], state["last"] = kv, logits[:, :1]
-                return logits
-            return with_cache(canvas)
+                state["kv"], state["last"] = kv, h[:, :1]
+                return model.lm_head(h[:, cols])
+            return model.lm_head(with_cache(canvas)[:, cols])
 
-        def none(canvas: Tensor, step: int) -> Tensor:
+        def none(canvas: Tensor, step: int, cols: Tensor) -> Tensor:
             self.forward_calls += 1
-            return full(canvas, save=False)[0]
+            return model.lm_head(full(canvas, save=False)[0][:, cols])
 
         return {"exact": exact, "approx": approx, "none": none}[cache]
 

@@ -146,15 +146,17 @@ def _commit_mask(conf: Tensor, candidates: Tensor, steps_left: int, opts: Sample
     return (rank < quota) & candidates
 
 
-def _guard_logits(logits: Tensor, canvas: Tensor, field: Tensor, mask_id: int, opts: SamplerOptions,
+def _guard_logits(logits: Tensor, canvas: Tensor, field: Tensor, cols: Tensor, mask_id: int, opts: SamplerOptions,
                   clean_vocab: Tensor | None, repeat_ok: Tensor | None) -> Tensor:
-    """Rule out, per position, the tokens the guards forbid (logits -inf). The mask token is never a prediction."""
-    logits = logits.clone()  # (B, N, V)
+    """Rule out, per position, the tokens the guards forbid (logits -inf). The mask token is never a prediction.
+    `logits` (B, C, V) are those of the canvas positions `cols` (C,)."""
+    logits = logits.clone()  # (B, C, V)
     if opts.copy_clean and clean_vocab is not None:
-        logits.masked_fill_(~clean_vocab[:, None, :] & (field == 0)[None, :, None], float("-inf"))
+        logits.masked_fill_(~clean_vocab[:, None, :] & (field[cols] == 0)[None, :, None], float("-inf"))
     if opts.no_repeat:
-        masked = canvas == mask_id
+        masked = (canvas == mask_id)[:, cols]
         for neighbour in (F.pad(canvas[:, :-1], (1, 0), value=mask_id), F.pad(canvas[:, 1:], (0, 1), value=mask_id)):
+            neighbour = neighbour[:, cols]
             banned = neighbour if repeat_ok is None else torch.where(repeat_ok[neighbour], mask_id, neighbour)
             logits.scatter_(-1, torch.where(masked, banned, mask_id)[..., None], float("-inf"))
     logits[..., mask_id] = float("-inf")
@@ -183,11 +185,11 @@ def _guard_confidence(conf: Tensor, tokens: Tensor, candidates: Tensor, end_id: 
     return torch.where(low, conf - 100.0, conf)  # below any undemoted one: prob and margin lie in [0, 1], -entropy above -11
 
 
-def _split_repeats(tokens: Tensor, canvas: Tensor, commit: Tensor, logits: Tensor, mask_id: int,
+def _split_repeats(tokens: Tensor, canvas: Tensor, commit: Tensor, top: Tensor, mask_id: int,
                    repeat_ok: Tensor | None) -> Tensor:
     """Where this step would leave one token twice side by side, every second position of the run takes its
-    best choice that differs from both neighbours (of its top three). Two vectorised rounds, no host sync."""
-    top = logits.topk(3, dim=-1).indices  # (B, N, 3)
+    best choice that differs from both neighbours (of its top three, `top` (B, N, 3)). Two vectorised rounds,
+    no host sync."""
     idx = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
     for _ in range(2):
         after = torch.where(commit, tokens, canvas)  # the canvas as this step would leave it
@@ -220,8 +222,9 @@ def denoise(predict: Callable[[Tensor, int], Tensor], canvas: Tensor, mask_id: i
             clean_vocab: Tensor | None = None, repeat_ok: Tensor | None = None) -> Tensor:
     """Fill every `mask_id` position of `canvas` (B, N) in `opts.steps` calls.
 
-    `predict(canvas, step)` returns logits (B, N, V) for every canvas position
-    (already shifted for models with shifted logits). `field` (N,) numbers
+    `predict(canvas, step, cols)` returns logits (B, C, V) for the canvas
+    positions `cols` (C,), already shifted for models with shifted logits:
+    only the positions some row may commit this step are asked for. `field` (N,) numbers
     the canvas fields (-1 for fixed text); it drives end-token filling and
     the semi-autoregressive blocks. Returns the filled canvas. Stops early
     only if every position is committed (threshold schedule) or if
@@ -268,16 +271,21 @@ def denoise(predict: Callable[[Tensor, int], Tensor], canvas: Tensor, mask_id: i
         t = time.monotonic()  # last: this step and one more, at the mean pace, would end past the deadline
         last = deadline is not None and t + (2 * (t - t0) / step if step else 0.0) >= deadline
         candidates = masked if last else masked & (block_of == block)
-        logits = predict(canvas, step)
-        noise = gumbel_noise(tuple(logits.shape), [s + step for s in seeds], logits.device) \
-            if opts.temperature > 0 and seeds is not None else None
-        logits = _guard_logits(logits, canvas, field, mask_id, opts, clean_vocab, repeat_ok)
-        tokens, conf = score(logits, opts.confidence, opts.temperature, noise)
+        cols = candidates.any(0).nonzero().squeeze(-1)  # (C,): the LM head and scoring run on these alone
+        logits = predict(canvas, step, cols)  # (B, C, V)
+        V = logits.shape[-1]
+        noise = gumbel_noise((B, N, V), [s + step for s in seeds], logits.device)[:, cols] \
+            if opts.temperature > 0 and seeds is not None else None  # drawn whole: a row's draws do not depend on its batch
+        logits = _guard_logits(logits, canvas, field, cols, mask_id, opts, clean_vocab, repeat_ok)
+        picked, picked_conf = score(logits, opts.confidence, opts.temperature, noise)  # (B, C)
+        tokens = canvas.index_copy(1, cols, picked)  # (B, N); outside `cols` nothing is committed
+        conf = torch.full((B, N), float("-inf"), device=canvas.device).index_copy(1, cols, picked_conf.float())
         conf = _guard_confidence(conf, tokens, candidates, end_id, opts, repeat_ok)
         steps_left = 1 if last else ends_t[block] - step  # (B, 1)
         commit = _commit_mask(conf, candidates, steps_left, opts)
         if opts.no_repeat:  # equal neighbours still committed together: every second one takes its next choice
-            tokens = _split_repeats(tokens, canvas, commit, logits, mask_id, repeat_ok)
+            top = torch.full((B, N, 3), mask_id, device=canvas.device).index_copy(1, cols, logits.topk(3, dim=-1).indices)
+            tokens = _split_repeats(tokens, canvas, commit, top, mask_id, repeat_ok)
         canvas = torch.where(commit, tokens, canvas)
         if opts.fill_after_end:
             masked = canvas == mask_id

@@ -100,9 +100,9 @@ def test_semi_autoregressive_blocks_fill_left_to_right(tiny_engine):
     def spy(*a, **k):
         inner = predict_orig(*a, **k)
 
-        def predict(canvas, step):
+        def predict(canvas, step, cols):
             seen.append((canvas == mask_id)[0].clone())
-            return inner(canvas, step)
+            return inner(canvas, step, cols)
         return predict
     tiny_engine._predictor = spy
     tiny_engine.generate([enc], SamplerOptions(steps=4, blocks=2, fill_after_end=False))
@@ -120,11 +120,11 @@ def test_fill_after_end_pads_the_field(tiny_engine):
     canvas = torch.tensor([[1, mask, mask, mask, mask, 2, mask, mask]])
     field = torch.tensor([-1, 0, 0, 0, 0, -1, 1, 1])
 
-    def predict(c, step):  # position 2 is an end token, very confidently; the rest token 5, weakly
+    def predict(c, step, cols):  # position 2 is an end token, very confidently; the rest token 5, weakly
         logits = torch.zeros(1, 8, 10)
         logits[0, :, 5] = 1.0
         logits[0, 2, end] = 50.0
-        return logits
+        return logits[:, cols]
     out = denoise(predict, canvas, mask, field, end, SamplerOptions(steps=4, no_repeat=False, no_adjacent=0))
     assert out[0, 2:5].tolist() == [end, end, end]
     assert out[0, 6:].tolist() == [5, 5]
@@ -132,11 +132,11 @@ def test_fill_after_end_pads_the_field(tiny_engine):
 
 def _flat_predict(prefer: dict[int, float], V: int = 12):
     """A stand-in model: every position prefers the same tokens, with these logits."""
-    def predict(c, step):
+    def predict(c, step, cols):
         logits = torch.zeros(c.shape[0], c.shape[1], V)
         for t, v in prefer.items():
             logits[..., t] = v
-        return logits
+        return logits[:, cols]
     return predict
 
 
@@ -180,12 +180,12 @@ def test_unsure_end_tokens_are_committed_last():
     canvas = torch.tensor([[1] + [mask] * 4])
     field = torch.tensor([-1] + [0] * 4)
 
-    def predict(c, step):  # position 1 leans to an end token (p ~ 0.6); the others to words, less surely
+    def predict(c, step, cols):  # position 1 leans to an end token (p ~ 0.6); the others to words, less surely
         logits = torch.zeros(1, 5, 12)
         logits[0, 1, end] = 3.0
         logits[0, 2:, 3] = torch.tensor([2.0, 2.5, 2.2])
         logits[0, 2:, 4] = 1.5
-        return logits
+        return logits[:, cols]
     seen = []
     opts = SamplerOptions(steps=4, no_repeat=False, fill_after_end=False, end_confidence=0)
     denoise(predict, canvas, mask, field, end, opts, on_step=lambda s, c: seen.append(c[0].tolist()))
@@ -204,11 +204,11 @@ def test_no_adjacent_keeps_unsure_neighbours_apart():
     canvas = torch.tensor([[1] + [mask] * 6])
     field = torch.tensor([-1] + [0] * 6)
 
-    def predict(c, step):  # every position unsure (p ~ 0.5), position 3 sure of itself
+    def predict(c, step, cols):  # every position unsure (p ~ 0.5), position 3 sure of itself
         logits = torch.zeros(1, 7, 12)
         logits[0, :, 3] = torch.tensor([0.0, 2.0, 2.1, 2.2, 2.3, 2.4, 2.5])
         logits[0, 3, 4] = 12.0
-        return logits
+        return logits[:, cols]
     opts = SamplerOptions(steps=3, no_repeat=False, fill_after_end=False, end_confidence=0)
 
     def unsure_pairs(guard: float) -> int:
@@ -441,10 +441,10 @@ def _scripted_predict(target: torch.Tensor, V: int, seed: int):
     g = torch.Generator().manual_seed(seed)
     strength = 2.0 + 6.0 * torch.rand(target.shape[0], generator=g)
 
-    def predict(c, step):
+    def predict(c, step, cols):
         logits = torch.zeros(c.shape[0], c.shape[1], V)
         logits[0, torch.arange(target.shape[0]), target] = strength
-        return logits
+        return logits[:, cols]
     return predict
 
 

@@ -30,6 +30,12 @@ and or but so because if than nor
 um uh er erm hmm
 """.split())
 
+# A statement that ends in a preposition ("I'd like a table for.") has lost its object; a question may
+# end in one ("What are you looking for?").
+_PREPOSITIONS = frozenset("for with at in on from about into by".split())
+# A question word last, after a longer start ("Do you know when?"), is where the speaker stopped to think.
+_QUESTION_WORDS = frozenset("when where what which who why how".split())
+
 _TRAILING = re.compile(r"(\.\.\.|…|[,;:\-–—])\s*$")
 _WORD = re.compile(r"[A-Za-z']+|\d+")
 
@@ -47,5 +53,9 @@ def looks_finished(text: str) -> bool:
     text = text.strip()
     if not text or _TRAILING.search(text) or text[-1] not in ".?!":
         return False
-    words = _WORD.findall(text)
-    return bool(words) and words[-1].lower() not in _GOES_ON
+    words = [w.lower() for w in _WORD.findall(text)]
+    if not words or words[-1] in _GOES_ON:
+        return False
+    if text[-1] == "." and words[-1] in _PREPOSITIONS:
+        return False
+    return not (len(words) >= 3 and words[-1] in _QUESTION_WORDS)

@@ -273,7 +273,8 @@ class VAD:
 
     def extend_hangover(self, ms: int) -> None:
         """Wait for `ms` of non-speech (not less than the usual hang-over) before
-        ending the open utterance; the next utterance has the usual one again."""
+        ending the open utterance, in the pause now running: speech again, or the
+        next utterance, brings the usual hang-over back."""
         if self.in_speech:
             self._hangover_now = max(self._hangover, self.options._frames(ms))
 
@@ -317,6 +318,7 @@ class VAD:
             self._silence = 0
             if self._paused:
                 self._paused = False
+                self._hangover_now = self._hangover  # a stretched hang-over was for that pause only
                 resumed = SpeechResumed(t_ms=(self._clock - 1) * o.frame_ms)
         else:
             self._silence += 1

@@ -100,6 +100,9 @@ def test_pause_option_is_checked() -> None:
     ("I'd like to book a table for, um...", False),
     ("I want to go to the museum and", False),
     ("So, um.", False),
+    ("I would like to book a table for.", False),
+    ("Do you know when?", False),
+    ("Since when?", True),
     ("hello there", False),
     ("", False),
 ])

@@ -262,6 +262,10 @@ class InputStage(Stage):
         self.tentative = record
         if self.utterance is not None:  # a partial now would only make the final wait for Whisper
             self.utterance.ended = True
+        cfg = self.s.config
+        if cfg.end_when_finished and cfg.unfinished_hangover_ms:
+            # The words decide this pause, however long Whisper takes; the longer hang-over is the fallback.
+            self.vad.extend_hangover(cfg.unfinished_hangover_ms)
         await self.push(FinalRequest(record, ev.audio))
 
     async def _drop_tentative(self) -> None:

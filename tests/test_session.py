@@ -386,6 +386,7 @@ async def test_speech_without_a_recognizer_is_an_asr_error():
     """Speech reaching a server with no Whisper loaded ends its turn with asr_failed, saying to type instead."""
     session = await start(services(asr=False, tts=False))
     await feed_pcm(session, speech())
+    await session.feed(P.InputEnd())  # the endpoint (the failed turn's events wait for it)
     events, _ = await collect(session, "turn.done")
     await session.close()
     error, = [e for e in events if e["type"] == "error"]

@@ -224,7 +224,9 @@ def _part_values(items: list[str], flag: str, kind: type) -> dict[str, Any]:
 
 def _serve_on_ray(args: argparse.Namespace, options) -> int:
     """`voice serve --ray`: the models as deployments (reused if running), this process the front end."""
-    from .cluster import APPS, ClusterOptions, PartOptions, connect, deploy, init_ray
+    from dataclasses import replace
+
+    from .cluster import APPS, ClusterOptions, connect, deploy, init_ray
     from .server import run_server
 
     parts: dict[str, dict[str, Any]] = {part: {} for part in APPS}
@@ -232,8 +234,9 @@ def _serve_on_ray(args: argparse.Namespace, options) -> int:
                             ("--num-gpus", "num_gpus", float)):
         for part, value in _part_values(getattr(args, key), flag, kind).items():
             parts[part][key] = value
-    cluster = ClusterOptions(models=_model_options(args), dllm=PartOptions(**{"max_ongoing": 64, **parts["dllm"]}),
-                             asr=PartOptions(**parts["asr"]), tts=PartOptions(**parts["tts"]))
+    defaults = ClusterOptions()
+    cluster = replace(defaults, models=_model_options(args),
+                      **{part: replace(getattr(defaults, part), **parts[part]) for part in APPS})
     init_ray(args.ray)
     from ray import serve
     serve.start(proxy_location="Disabled")  # this process is the front end: no Serve HTTP proxy

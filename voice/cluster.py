@@ -121,8 +121,8 @@ class ClusterOptions:
 
     models: ModelOptions = ModelOptions()
     dllm: PartOptions = PartOptions(max_ongoing=64)
-    asr: PartOptions = PartOptions()
-    tts: PartOptions = PartOptions()
+    asr: PartOptions = PartOptions(num_cpus=0.5)  # the three fit a 2-core machine by default
+    tts: PartOptions = PartOptions(num_cpus=0.5)
     engine_factory: str | None = None
     factory_kwargs: dict[str, Any] = field(default_factory=dict)
     retries: int = 2
@@ -140,7 +140,7 @@ class ClusterOptions:
             kw["models"] = ModelOptions(**kw["models"])
         for part in ("dllm", "asr", "tts"):
             if part in kw:
-                base = asdict(getattr(cls, part)) if part != "dllm" else asdict(PartOptions(max_ongoing=64))
+                base = asdict(getattr(cls(), part))
                 kw[part] = PartOptions(**{**base, **kw[part]})
         return cls(**kw)
 
@@ -375,8 +375,9 @@ class RemoteSynthesizer(_Remote):
 def init_ray(address: str | None = "auto", *, num_cpus: int | None = None, **kw) -> None:
     """Join the Ray instance at `address` ("auto": the running one, if any), or start a local one.
 
-    A local instance is bound to 127.0.0.1 (its node address and every server of Ray
-    core; see the README's Ray section for the one exception) and has no dashboard.
+    A local instance is bound to 127.0.0.1 (its node address, so every server of Ray, and
+    the Serve replicas' own through `loopback_replicas`) and has no dashboard. `kw` goes to
+    `ray.init`.
     """
     try:
         import ray
@@ -384,6 +385,9 @@ def init_ray(address: str | None = "auto", *, num_cpus: int | None = None, **kw)
         raise VoiceError("Ray is not installed; install it with: pip install 'voice[ray]'") from e
     if ray.is_initialized():
         return
+    runtime_env = dict(kw.pop("runtime_env", None) or {})
+    runtime_env.setdefault("worker_process_setup_hook", f"{__name__}.loopback_replicas")
+    kw["runtime_env"] = runtime_env
     if address and address != "local":
         try:
             ray.init(address=address, **kw)
@@ -392,9 +396,7 @@ def init_ray(address: str | None = "auto", *, num_cpus: int | None = None, **kw)
         except ConnectionError:
             if address != "auto":
                 raise VoiceError(f"no Ray instance answers at {address}") from None
-    runtime_env = dict(kw.pop("runtime_env", None) or {})
-    runtime_env.setdefault("worker_process_setup_hook", f"{__name__}.loopback_replicas")
-    ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=num_cpus, runtime_env=runtime_env, **kw)
+    ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=num_cpus, **kw)
     node = ray.util.get_node_ip_address()
     if node != "127.0.0.1":
         log.warning("the local Ray instance took %s as its address, not 127.0.0.1: import voice.cluster "
@@ -403,17 +405,21 @@ def init_ray(address: str | None = "auto", *, num_cpus: int | None = None, **kw)
 
 
 def loopback_replicas() -> None:
-    """Ray's worker setup hook on a local instance: keep Serve replicas' servers on loopback.
+    """Ray's worker setup hook (`init_ray` installs it): keep Serve replicas' servers on loopback
+    on a node whose address is 127.0.0.1.
 
     With its node on 127.0.0.1, every server of Ray core binds there, but a Serve replica
     (Ray 2.60) opens its inter-deployment gRPC server on "[::]:0", every interface, in
-    code with no setting. On a single-node instance nothing needs it beyond this machine, so
-    this hook (run in each worker before it builds a replica) moves that bind to 127.0.0.1.
-    Where Ray's code differs, it changes nothing.
+    code with no setting. On such a node nothing needs it beyond this machine, so this hook
+    (run in each worker before it builds a replica) moves that bind to 127.0.0.1. On other
+    nodes, or where Ray's code differs, it changes nothing.
     """
     try:
+        import ray
         from ray.serve._private import replica
     except ImportError:
+        return
+    if ray.util.get_node_ip_address() != "127.0.0.1":
         return
     bind = getattr(replica, "add_port_to_grpc_server", None)
     if bind is None or getattr(bind, "loopback", False):
@@ -456,13 +462,25 @@ def deploy(options: ClusterOptions, *, asr: bool = True, tts: bool = True, redep
     """Deploy the model parts that are not running yet (all of them with `redeploy`); return
     the ones deployed. A part already up is left as it is, replicas and all: a front end
     that restarts reuses them."""
+    import ray
     from ray import serve
-    up = set() if redeploy else running_apps()
+    running = running_apps()
+    up = set() if redeploy else running
+    apps = {name: a for name, a in model_apps(options, asr=asr, tts=tts).items() if name not in up}
+    for name in up:
+        log.info("%s is running; using it", name)
+    # Replicas that cannot be placed would leave serve.run waiting forever: say so instead
+    # (for new parts; a part deployed again gives its own resources back as it goes).
+    parts = [getattr(options, part) for part, (name, _) in APPS.items() if name in apps and name not in running]
+    free = ray.available_resources()
+    for what, need in (("CPU", sum(p.replicas * p.num_cpus for p in parts)),
+                       ("GPU", sum(p.replicas * p.num_gpus for p in parts))):
+        if need > free.get(what, 0.0) + 1e-6:
+            raise VoiceError(f"the parts to deploy need {need:g} {what}s and the Ray cluster has "
+                             f"{free.get(what, 0.0):g} free; lower their replicas or --num-cpus/--num-gpus, "
+                             "or add nodes")
     deployed = []
-    for name, application in model_apps(options, asr=asr, tts=tts).items():
-        if name in up:
-            log.info("%s is running; using it", name)
-            continue
+    for name, application in apps.items():
         log.info("deploying %s ...", name)
         serve.run(application, name=name, route_prefix=None)
         deployed.append(name)

@@ -166,11 +166,8 @@ class Attention(nn.Module):
         if past is not None:
             k = torch.cat([past[0], k], dim=2)
             v = torch.cat([past[1], v], dim=2)
-        rep = c.n_heads // c.n_kv_heads
-        if rep > 1:
-            k = k.repeat_interleave(rep, dim=1)
-            v = v.repeat_interleave(rep, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, D)
+        # Grouped-query attention without copying each key and value head for its group of query heads.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=c.n_heads != c.n_kv_heads)  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, c.n_heads * c.head_dim)
         return self.o_proj(y), new_k, new_v
 

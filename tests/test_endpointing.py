@@ -112,10 +112,14 @@ def test_looks_finished(text, finished) -> None:
 
 
 def test_whisper_punctuates_what_the_rule_reads() -> None:
-    """On real speech, Whisper's text of a finished question reads finished; of a cut sentence, unfinished."""
+    """On real speech, Whisper's text of finished questions reads finished; of cut sentences, unfinished.
+    (Whisper on two busy threads may hear a cut ending differently: "to the..." or "to that.", so most, not all.)"""
     asr = transcriber()
-    assert looks_finished(asr.transcribe(speech("Is the museum open on Mondays?", tail_s=0.3)))
-    assert not looks_finished(asr.transcribe(speech("I would like to go to the", tail_s=0.3)))
+    finished = ["Is the museum open on Mondays?", "Where is the nearest bus stop?", "Thank you very much."]
+    cut = ["I would like to go to the", "Can you tell me how to get to the", "I want to book a table for"]
+    heard = {t: asr.transcribe(speech(t, tail_s=0.3)) for t in finished + cut}
+    assert sum(looks_finished(heard[t]) for t in finished) >= 2, heard
+    assert sum(not looks_finished(heard[t]) for t in cut) >= 2, heard
 
 
 # ----- the session

@@ -143,6 +143,14 @@ class SessionConfig:
                        deadline_ms=start.deadline_ms or base.deadline_ms)
 
 
+async def _within(aw, seconds: float, failure: type[E.VoiceError], what: str):
+    """Await `aw` for at most `seconds`; past that, the stage's model has failed (`failure`)."""
+    try:
+        return await asyncio.wait_for(aw, seconds)
+    except asyncio.TimeoutError as e:
+        raise failure(f"{what} took longer than {seconds:g} s") from e
+
+
 def _ms(t0: float, t1: float | None = None) -> float:
     return ((now() if t1 is None else t1) - t0) * 1000.0
 
@@ -341,8 +349,9 @@ class ASRStage(Stage):
     async def _transcribe(self, audio: np.ndarray) -> str:
         asr = self.s.services.transcriber
         if asr is None:
-            raise RuntimeError("this server has no speech recognizer loaded; send typed turns")
-        return await asyncio.wait_for(asyncio.to_thread(asr.transcribe, audio), self.s.config.asr_timeout_s)
+            raise E.NoRecognizer()
+        return await _within(asyncio.to_thread(asr.transcribe, audio), self.s.config.asr_timeout_s,
+                             E.RecognitionFailed, "speech recognition")
 
     async def process(self, frame: Frame) -> None:
         if isinstance(frame, PartialRequest):
@@ -413,8 +422,8 @@ class TurnStage(Stage):
         if cfg.deadline_ms:
             kw["deadline"] = time.monotonic() + cfg.deadline_ms / 1000
         # Cancelling the job (an interrupt cancels this task) withdraws the request from the engine's batch.
-        job = asyncio.ensure_future(asyncio.wait_for(
-            self.s.services.engine.respond(turn, steps=self.s.steps, **kw), cfg.turn_timeout_s))
+        job = asyncio.ensure_future(_within(self.s.services.engine.respond(turn, steps=self.s.steps, **kw),
+                                            cfg.turn_timeout_s, E.TurnTimedOut, "the dLLM turn"))
         next_settled: asyncio.Future | None = None
         try:
             while not job.done():  # settled sentences go to speech while the pass goes on
@@ -480,7 +489,8 @@ class TTSStage(Stage):
             t0 = now()
             if record.speech_started is None:
                 record.speech_started = t0
-            pcm = await asyncio.wait_for(asyncio.to_thread(self._speak, sentence), self.s.config.tts_timeout_s)
+            pcm = await _within(asyncio.to_thread(self._speak, sentence), self.s.config.tts_timeout_s,
+                                E.SynthesisFailed, "speech synthesis")
             record.timings.setdefault("tts_first_ms", _ms(t0))
             if len(pcm):
                 await self.push(SpeechChunk(record, record.said_sentences, sentence, pcm))
@@ -682,19 +692,7 @@ class VoiceSession:
         """A stage's error, as an error event; a turn it broke is closed."""
         self.errors += 1
         record = getattr(frame, "turn", None)
-        if isinstance(exc, asyncio.TimeoutError):  # a stage's limit on one model call: that model failed
-            failed: type[E.VoiceError] = E.InternalError
-            if isinstance(frame, (FinalRequest, PartialRequest)):
-                failed = E.RecognitionFailed
-            elif isinstance(frame, TranscriptReady):
-                failed = E.TurnFailed
-            elif isinstance(frame, ReplyReady):
-                failed = E.SynthesisFailed
-            err = failed("a model call timed out")
-        elif isinstance(frame, (FinalRequest, PartialRequest)) and self.services.transcriber is None:
-            err = E.NoRecognizer()
-        else:
-            err = E.as_voice_error(exc)
+        err = E.as_voice_error(exc)  # the stages raise the error of their failure; anything else is a bug
         code, message = err.code, err.message
         log.warning("session %s: %s on %s: %s", self.id, code, type(frame).__name__, exc,
                     exc_info=exc if isinstance(err, E.InternalError) else None)

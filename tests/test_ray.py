@@ -107,16 +107,22 @@ def post(url: str, body: dict) -> tuple[int, dict]:
         return e.code, json.loads(e.read())
 
 
-async def replica_pids(expect: int = 2, rounds: int = 10) -> set[int]:
-    """The DLLM replicas' process ids, seen through rounds of concurrent calls (until `expect` are seen)."""
+async def replica_infos(rounds: int = 10) -> dict[int, dict]:
+    """Each DLLM replica's `info()`, by pid, seen through rounds of concurrent calls (until two answer)."""
     from ray import serve
     handle = serve.get_deployment_handle("DLLM", app_name=cluster.DLLM_APP)
-    pids: set[int] = set()
+    infos: dict[int, dict] = {}
     for _ in range(rounds):
-        pids |= {info["pid"] for info in await asyncio.gather(*(handle.info.remote() for _ in range(16)))}
-        if len(pids) >= expect:
+        for info in await asyncio.gather(*(handle.info.remote() for _ in range(16))):
+            infos[info["pid"]] = info
+        if len(infos) >= 2:
             break
-    return pids
+    return infos
+
+
+async def replica_pids(rounds: int = 10) -> set[int]:
+    """The DLLM replicas' process ids (see `replica_infos`)."""
+    return set(await replica_infos(rounds))
 
 
 async def replica_process_ids() -> set[int]:
@@ -199,6 +205,27 @@ async def test_cleanup_through_two_replicas(local, remote):
     assert await cleaned(remote) == await cleaned(local)
     status, body = await asyncio.to_thread(post, f"http://127.0.0.1:{remote.port}/v1/cleanup", {"texts": TEXTS})
     assert status == 200 and [r["cleaned"] for r in body["results"]] == await cleaned(local)
+
+
+async def test_a_batch_mixes_two_front_ends(ray_cluster):
+    """Requests from two front ends at once share engine batches on the replicas."""
+    from websockets.asyncio.client import connect
+
+    async def flood(server: VoiceServer, tag: str) -> None:
+        async with connect(server.url + "/cleanup") as ws:  # one connection: one client to the engine
+            for i in range(8):
+                await ws.send(json.dumps({"id": i, "text": f"{tag} um the the number {i}"}))
+            for _ in range(8):
+                assert json.loads(await asyncio.wait_for(ws.recv(), 60))["type"] == "cleanup.result"
+    a, b = await front_end(), await front_end()
+    try:
+        before = sum(i["shared_batches"] for i in (await replica_infos()).values())
+        await asyncio.gather(flood(a, "first"), flood(b, "second"))
+        infos = await replica_infos()
+    finally:
+        await a.close()
+        await b.close()
+    assert sum(i["shared_batches"] for i in infos.values()) > before, infos
 
 
 async def test_front_end_restarts_while_replicas_serve(ray_cluster, local):

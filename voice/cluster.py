@@ -17,11 +17,14 @@ whichever they hold.
 
 Batching. A DLLM replica runs one `Engine` and awaits it; Serve lets up to
 `max_ongoing` requests from every front end into a replica at once, and the
-engine's own queue batches them (one batch mixes sessions of different front
-ends). `serve.batch` would batch too, but knows nothing of what the engine's
-queue does: group by canvas shape, put voice turns ahead of cleanup floods and
-serve clients round-robin, stream each step's canvas, honour deadlines, and
-let a cancelled request leave its batch. So the engine stays the batcher.
+engine's own queue batches them: one batch mixes sessions of different front
+ends (the replica's `info()` counts its batches, their rows, and those that
+served more than one client; a front end's /metrics sees only its own
+requests). `serve.batch` would batch too, but knows nothing of what the
+engine's queue does: group by canvas shape, put voice turns ahead of cleanup
+floods and serve clients round-robin, stream each step's canvas, honour
+deadlines, and let a cancelled request leave its batch. So the engine stays
+the batcher.
 
 Canvases. `on_canvas` (the anytime canvas, which lets the session speak a
 settled first sentence before the pass ends) is a callback on the front end's
@@ -169,13 +172,33 @@ class DLLMReplica(_Replica):
             self.engine = _factory(options.engine_factory)(**options.factory_kwargs)
         else:
             self.engine = load_engine(options.models)
+        self.batches = self.rows = self.shared = 0  # shared: batches that served more than one client
+        self._clients: dict[int, set] = {}  # the clients each of the last few batches served
+        self.engine.on_batch = self._batch_done
 
     def info(self) -> dict[str, Any]:
+        """The model's name and K, this replica's pid, and its batches so far: how many, their rows, and
+        how many served more than one client (sessions, connections; of any front end)."""
         return {"name": str(getattr(self.engine, "name", "model")), "steps": self.engine.options.sampler.steps,
-                "pid": os.getpid()}
+                "pid": os.getpid(), "batches": self.batches, "rows": self.rows, "shared_batches": self.shared}
+
+    def _batch_done(self, rows: int, calls: int, ms: float) -> None:
+        self.batches += 1
+        self.rows += rows
+
+    def _served(self, client: object) -> None:
+        # The engine calls on_batch just before it sets the batch's results, and their callers resume
+        # before another batch can end, so `batches` is the number of the batch that served `client`.
+        seen = self._clients.setdefault(self.batches, set())
+        seen.add(client)
+        self.shared += len(seen) == 2
+        if len(self._clients) > 64:
+            del self._clients[min(self._clients)]
 
     async def respond(self, turn, *, remaining_s: float | None = None, **kw):
-        return await self.engine.respond(turn, **_deadline(remaining_s), **kw)
+        result = await self.engine.respond(turn, **_deadline(remaining_s), **kw)
+        self._served(kw.get("client"))
+        return result
 
     async def respond_stream(self, turn, *, remaining_s: float | None = None, **kw) -> AsyncIterator[Any]:
         """Each step's `CanvasStep` as the pass goes on, then the `TurnResult`."""
@@ -186,12 +209,15 @@ class DLLMReplica(_Replica):
         try:
             while (step := await steps.get()) is not None:
                 yield step
+            self._served(kw.get("client"))
             yield job.result()
         finally:  # the caller left (or the stream failed): the request leaves its batch
             job.cancel()
 
     async def cleanup(self, text: str, **kw):
-        return await self.engine.cleanup(text, **kw)
+        result = await self.engine.cleanup(text, **kw)
+        self._served(kw.get("client"))
+        return result
 
     async def waiting(self) -> int:
         return self.engine.waiting

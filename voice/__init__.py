@@ -11,7 +11,9 @@ This package wires `asr` (VAD, Whisper), `dllm` (the diffusion LM turn) and
 Entry points: `voice serve | kiosk | respond | cleanup` (`voice.cli`), and
 `python -m voice.bench | voice.fuzz | voice.soak`. The wire protocol is
 `voice.protocol` and docs/protocol.md; who may connect is `voice.access`, the
-per-connection pacing `voice.limits`. Nothing else imports this package.
+per-connection pacing `voice.limits`. `voice.cluster` runs the models as Ray
+Serve deployments behind front ends (`voice serve --ray`, deploy/serve.yaml;
+optional: `pip install 'voice[ray]'`). Nothing else imports this package.
 """
 from __future__ import annotations
 

@@ -53,7 +53,7 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from .errors import VoiceError
@@ -118,8 +118,6 @@ class ClusterOptions:
         engine_factory: "module:function" that returns a `dllm.Engine`, called with
             `factory_kwargs` in each DLLM replica instead of loading `models` (a model of your
             own, or the tests' tiny random one); the module must import on the cluster.
-        retries: how many times a request lost with its replica is sent again.
-        call_timeout_s: bound on one blocking call (ASR, TTS) through a proxy.
     """
 
     models: ModelOptions = ModelOptions()
@@ -128,8 +126,6 @@ class ClusterOptions:
     tts: PartOptions = PartOptions(num_cpus=0.5)
     engine_factory: str | None = None
     factory_kwargs: dict[str, Any] = field(default_factory=dict)
-    retries: int = 2
-    call_timeout_s: float = 120.0
 
     @classmethod
     def from_dict(cls, args: dict[str, Any]) -> ClusterOptions:

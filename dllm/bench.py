@@ -2,6 +2,7 @@
 
     python -m dllm.bench                                   # default model, CPU
     python -m dllm.bench --model llada-8b --device cuda    # random weights, LLaDA-8B's shape
+    python -m dllm.bench --llama --threads 2               # a voice turn beside llama.cpp on the same GGUF
 
 For each canvas length and batch size it prints the time per denoising step
 and canvas tokens per second for
@@ -15,6 +16,13 @@ and canvas tokens per second for
 and the physical floor per step (weight bytes over the memory bandwidth
 measured in this run): no step can read its weights faster than that.
 Speed does not depend on the weights, so a preset name runs random weights.
+
+With `--llama` (default model only) it also times one typical voice turn
+(the packaged GGUF with the adapter, the server's sampler) beside
+llama-cpp-python on the same GGUF file and thread count, reading the same
+prompt tokens and then writing, greedily and with the end tokens banned so
+it cannot stop early, as many tokens as our canvas's two fields hold
+(cleaned + reply): the autoregressive cost of the same output.
 """
 from __future__ import annotations
 
@@ -24,6 +32,7 @@ import platform
 import statistics
 import sys
 import time
+from dataclasses import replace
 
 import torch
 
@@ -113,6 +122,82 @@ def time_reference(path: str, engine: Engine, batch: list[Encoded], steps: int, 
     return statistics.median(times[1:])
 
 
+# A transcript as Whisper hands it over; its cleaned field takes the smallest bucket but one.
+VOICE_TRANSCRIPT = "um what time does the uh the library open on saturday"
+
+
+def time_turn(engine: Engine, enc: Encoded, opts: SamplerOptions, repeats: int) -> float:
+    """Median seconds for one whole voice turn as the server runs it (prompt cache, K steps, decoding)."""
+    times = []
+    for _ in range(repeats + 1):  # the first run warms up
+        _sync(engine.device)
+        t0 = time.perf_counter()
+        engine.run([enc], opts)
+        _sync(engine.device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:])
+
+
+def time_llama(path: str, prompt: list[int], n_tokens: int, threads: int, banned: list[int],
+               repeats: int) -> tuple[float, float]:
+    """Median seconds of llama-cpp-python reading `prompt` and writing exactly `n_tokens` tokens greedily,
+    as (prompt + first token, all). `banned` (its end tokens) get -inf logits so it never stops early.
+
+    Raises ImportError with what to install when llama_cpp is missing."""
+    try:
+        import llama_cpp
+        import numpy as np
+    except ImportError as e:
+        raise ImportError(f"llama-cpp-python is not installed here ({e}); install the peer extra, "
+                          "`pip install -e '.[peer]'` (it builds llama.cpp; see docs/BENCHMARKS.md)") from e
+    llm = llama_cpp.Llama(model_path=path, n_threads=threads, n_threads_batch=threads,
+                          n_ctx=max(512, len(prompt) + n_tokens + 16), verbose=False)
+
+    def no_end(_ids, logits):
+        logits[banned] = -np.inf
+        return logits
+
+    processors = llama_cpp.LogitsProcessorList([no_end])
+    firsts, totals = [], []
+    for _ in range(repeats + 1):  # the first run warms up
+        llm.reset()  # no reuse of the previous run's prompt cache: every run reads the whole prompt
+        t0 = time.perf_counter()
+        written = 0
+        for _tok in llm.generate(prompt, temp=0.0, top_k=1, logits_processor=processors):
+            written += 1
+            if written == 1:
+                first = time.perf_counter() - t0
+            if written == n_tokens:
+                break
+        totals.append(time.perf_counter() - t0)
+        firsts.append(first)
+    return statistics.median(firsts[1:]), statistics.median(totals[1:])
+
+
+def llama_side_by_side(eng: Engine, model_path: str, steps: int, threads: int, repeats: int) -> None:
+    """Print one voice turn of ours beside llama.cpp writing as many tokens on the same GGUF and threads."""
+    from .turn import Turn
+
+    enc = eng.encode(Turn(VOICE_TRANSCRIPT))
+    n = sum(1 for f in enc.field if f >= 0)  # the cleaned and reply fields, labels and the end excluded
+    opts = replace(eng.options.sampler, steps=steps)
+    print(f"\nvoice turn: {VOICE_TRANSCRIPT!r}, prompt {len(enc.prompt)} tokens, canvas {len(enc.canvas)} "
+          f"({n} in the cleaned + reply fields), K = {steps}; llama.cpp on {model_path}, {threads} threads")
+    ours = time_turn(eng, enc, opts, repeats)
+    print(f"{'path':>22} | {'turn ms':>8} | {'tokens':>6} | note")
+    print(f"{'ours (dLLM, K steps)':>22} | {ours * 1000:>8.0f} | {n:>6} | the whole canvas in one pass", flush=True)
+    try:
+        first, total = time_llama(model_path, enc.prompt, n, threads, sorted({eng.tok.eos_id, eng.tok.end_id}),
+                                  repeats)
+    except ImportError as e:
+        print(f"llama.cpp side by side skipped: {e}")
+        return
+    gen_rate = (n - 1) / (total - first) if total > first else float("inf")
+    print(f"{'llama.cpp (AR)':>22} | {total * 1000:>8.0f} | {n:>6} | prompt + first token {first * 1000:.0f} ms, "
+          f"then {gen_rate:.0f} tokens/s")
+    print(f"ours / llama.cpp: {ours / total:.2f}x (below 1: ours is faster)")
+
+
 def load(model: str, device: str, dtype: torch.dtype) -> Engine:
     if model == "default":
         from . import load_engine
@@ -142,7 +227,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     ap.add_argument("--reference", metavar="FILE", help="LLaDA's generate.py, to time its generate() side by side")
+    ap.add_argument("--llama", action="store_true",
+                    help="also time a voice turn beside llama-cpp-python on the same GGUF and threads "
+                         "(default model; needs the peer extra)")
+    ap.add_argument("--no-grid", action="store_true", help="skip the canvas x batch table (with --llama: the turn only)")
     args = ap.parse_args(argv)
+    if args.llama and args.model != "default":
+        ap.error("--llama compares the default model with llama.cpp on its GGUF: leave --model out")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.dtype == "auto":
@@ -162,9 +253,12 @@ def main(argv: list[str] | None = None) -> None:
     print(f"model: {eng.name}, {n_params / 1e6:.1f}M parameters, {args.dtype}; device: {dev_name}")
     print(f"memory bandwidth {bw / 1e9:.1f} GB/s; floor per step {floor_ms:.2f} ms "
           f"({weight_bytes / 1e6:.0f} MB of weights); K = {args.steps}, prompt {args.prompt} tokens")
+    if args.no_grid:
+        args.canvas = []
     header = f"{'canvas':>6} {'batch':>5} | {'engine ms/step':>14} {'tok/s':>8} {'x floor':>7} | " \
              f"{'threshold x':>11} | {'naive x':>7}"
-    print(header + (f" | {'reference x':>11}" if args.reference else ""))
+    if args.canvas:
+        print(header + (f" | {'reference x':>11}" if args.reference else ""))
     threshold = SamplerOptions(steps=args.steps, schedule="threshold", threshold=0.9)
     for n in args.canvas:
         for b in args.batch:
@@ -179,7 +273,12 @@ def main(argv: list[str] | None = None) -> None:
                 ref = time_reference(args.reference, eng, batch, args.steps, max(1, args.repeats // 2))
                 row += f" | {ref / fast:>10.1f}x"
             print(row, flush=True)
-    print("x columns: that path's time over the engine's (above 1: the engine is faster)")
+    if args.canvas:
+        print("x columns: that path's time over the engine's (above 1: the engine is faster)")
+    if args.llama:
+        from .gguf_loader import packaged_smollm2_path
+        llama_side_by_side(eng, str(packaged_smollm2_path()), args.steps, args.threads or torch.get_num_threads(),
+                           args.repeats)
 
 
 if __name__ == "__main__":

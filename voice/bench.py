@@ -4,6 +4,7 @@
     python -m voice.bench --n 10 --url ws://127.0.0.1:8765
     python -m voice.bench --n 10 --lead 0,12      # without and with the early first sentence, same models
     python -m voice.bench --n 10 --pause-ms 0,200 # waiting for the endpoint, or starting at a pause
+    python -m voice.bench --n 10 --peer --peer-python PEER/bin/python  # then Pipecat + llama.cpp (voice.peer_bench)
 
 Each of N questions (a fixed list, spoken by piper and resampled to 16 kHz)
 goes to a fresh /ws session in 20 ms frames at real-time pace, followed by
@@ -190,6 +191,11 @@ def table(rows: list[tuple[str, int, float, float]]) -> str:
 async def _main(args: argparse.Namespace) -> int:
     print(f"command: {' '.join(shlex.quote(a) for a in ['python', '-m', 'voice.bench', *sys.argv[1:]])}")
     print(f"machine: {machine()}")
+    if args.peer:  # before our run, so a missing peer costs nothing
+        from .peer_bench import peer_missing
+        if missing := peer_missing(args.peer_python or sys.executable):
+            print(f"--peer: {missing}", file=sys.stderr)
+            return 2
     utterances = speak_questions(args.n)
     server = None
     url = args.url
@@ -237,10 +243,42 @@ async def _main(args: argparse.Namespace) -> int:
         print(f"\n{label}: {len(samples)} turns, {bad} errors, {replies} non-empty replies "
               f"(voice_to_voice_ms needs a spoken reply)\n")
         print(table(summarize(samples)))
+    peer = _peer(args, runs) if args.peer else None
+    if peer is not None:
+        errors += sum(1 for s in peer if s.error)
     if args.json:
+        out = {label: [s.__dict__ for s in samples] for label, samples in runs.items()}
+        if peer:
+            out["peer"] = [s.__dict__ for s in peer]
         with open(args.json, "w") as f:
-            json.dump({label: [s.__dict__ for s in samples] for label, samples in runs.items()}, f, indent=1)
+            json.dump(out, f, indent=1)
     return 1 if errors else 0
+
+
+def _peer(args: argparse.Namespace, runs: dict[str, list[TurnSample]]) -> list[TurnSample]:
+    """The same questions through Pipecat + llama.cpp (voice.peer_bench, under --peer-python), and ours / peer.
+
+    A peer that could not run gives one sample with its error."""
+    import tempfile
+
+    from .peer_bench import PeerUnavailable, run_peer_subprocess
+
+    python = args.peer_python or sys.executable
+    threads = args.threads or 2
+    print(f"\n--- peer: Pipecat + llama.cpp under {python} ---", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            peer = run_peer_subprocess(python, args.n, threads, json_path=os.path.join(tmp, "peer.json"))
+        except PeerUnavailable as e:
+            print(f"peer failed: {e}")
+            return [TurnSample("(the peer)", error=str(e))]
+    theirs = [s.voice_to_voice_ms for s in peer if s.voice_to_voice_ms is not None]
+    for label, samples in runs.items():
+        ours = [s.voice_to_voice_ms for s in samples if s.voice_to_voice_ms is not None]
+        if ours and theirs:
+            a, b = statistics.median(ours), statistics.median(theirs)
+            print(f"voice to voice, median: ours ({label}) {a:.0f} ms, peer {b:.0f} ms: ours / peer {a / b:.2f}x")
+    return peer
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -259,6 +297,11 @@ def main(argv: list[str] | None = None) -> int:
                                   "(in-process server), e.g. 0,12: the first sentence spoken before the pass ends")
     p.add_argument("--pause-ms", help="comma list of asr.VADOptions.pause_ms to run in turn (in-process server), "
                                       "e.g. 0,200: the turn waits for the endpoint, or starts at a 200 ms pause")
+    p.add_argument("--peer", action="store_true",
+                   help="then play the same questions through Pipecat + llama.cpp on the same models "
+                        "(voice.peer_bench; needs the peer extra)")
+    p.add_argument("--peer-python", metavar="PYTHON",
+                   help="the interpreter that has the peer extra, e.g. a virtualenv's bin/python (default: this one)")
     args = p.parse_args(argv)
     if args.n < 1:
         p.error("--n must be at least 1")

@@ -2,7 +2,7 @@
 
     python -m dllm.bench                                   # default model, CPU
     python -m dllm.bench --model llada-8b --device cuda    # random weights, LLaDA-8B's shape
-    python -m dllm.bench --llama --threads 2               # a voice turn beside llama.cpp on the same GGUF
+    OMP_WAIT_POLICY=PASSIVE python -m dllm.bench --llama --no-grid --threads 2  # a voice turn beside llama.cpp
 
 For each canvas length and batch size it prints the time per denoising step
 and canvas tokens per second for
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import platform
 import statistics
 import sys
@@ -183,6 +184,10 @@ def llama_side_by_side(eng: Engine, model_path: str, steps: int, threads: int, r
     opts = replace(eng.options.sampler, steps=steps)
     print(f"\nvoice turn: {VOICE_TRANSCRIPT!r}, prompt {len(enc.prompt)} tokens, canvas {len(enc.canvas)} "
           f"({n} in the cleaned + reply fields), K = {steps}; llama.cpp on {model_path}, {threads} threads")
+    if os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE":
+        # torch reads it when it loads, before this runs; the server sets it (voice.cli._openmp_defaults)
+        print("note: OMP_WAIT_POLICY=PASSIVE is not set, as the server sets it: spinning OpenMP threads slow "
+              "both paths on a busy machine; run with OMP_WAIT_POLICY=PASSIVE in the environment")
     ours = time_turn(eng, enc, opts, repeats)
     print(f"{'path':>22} | {'turn ms':>8} | {'tokens':>6} | note")
     print(f"{'ours (dLLM, K steps)':>22} | {ours * 1000:>8.0f} | {n:>6} | the whole canvas in one pass", flush=True)

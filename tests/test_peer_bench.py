@@ -5,11 +5,18 @@ modules are hidden from the import system, whether installed or not.
 """
 from __future__ import annotations
 
+import os
 import sys
 
 import pytest
 
 from voice import peer_bench
+
+
+@pytest.fixture(autouse=True)
+def own_environ(monkeypatch):
+    """The benches set OpenMP defaults in os.environ: keep them out of the other tests."""
+    monkeypatch.setattr(os, "environ", os.environ.copy())
 
 
 @pytest.fixture

@@ -405,12 +405,15 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.n < 1:
         p.error("--n must be at least 1")
+    # As voice.bench and the CLI set them for our side, before any OpenMP runtime loads (llama_cpp's does
+    # on import); the llama.cpp server inherits them.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     try:
         require_peer()
     except PeerUnavailable as e:
         print(f"peer bench unavailable: {e}", file=sys.stderr)
         return 2
-    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     for noisy in ("faster_whisper", "httpx", "httpx2"):

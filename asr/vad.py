@@ -18,7 +18,7 @@ of py-webrtcvad's `example.py` and the endpointers of streaming ASR systems:
   as `SpeechPaused` with the audio so far, so the caller may start on the
   turn during the silence; `SpeechResumed` follows if the speaker goes on.
   The caller may then end the utterance at once (`end_now()`, when the words
-  so far make a finished sentence) or wait longer (`extend_hangover()`, when
+  so far make a finished sentence) or wait longer (`set_pause_hangover()`, when
   they plainly do not).
 
 The detector is push-style and does no I/O: feed it bytes as they arrive and
@@ -208,7 +208,7 @@ class VAD:
         self._last_voiced = 0  # index into _frames
         self._silence = 0
         self._paused = False  # a SpeechPaused was reported for the silence now running
-        self._hangover_now = self._hangover  # this utterance's hang-over (extend_hangover)
+        self._hangover_now = self._hangover  # this utterance's hang-over (set_pause_hangover)
 
     @property
     def in_speech(self) -> bool:
@@ -271,10 +271,10 @@ class VAD:
         keep = min(len(self._frames), self._last_voiced + 1 + self._post_roll)
         return self._end("early", keep, (self._first + self._last_voiced + 1) * self.options.frame_ms)
 
-    def extend_hangover(self, ms: int) -> None:
-        """Wait for `ms` of non-speech (not less than the usual hang-over) before
-        ending the open utterance, in the pause now running: speech again, or the
-        next utterance, brings the usual hang-over back."""
+    def set_pause_hangover(self, ms: int) -> None:
+        """End the open utterance after `ms` of non-speech in the pause now running,
+        never less than the usual hang-over (so 0 restores it). Speech again, or
+        the next utterance, brings the usual hang-over back."""
         if self.in_speech:
             self._hangover_now = max(self._hangover, self.options._frames(ms))
 

@@ -379,6 +379,11 @@ class Engine:
                     p.future.set_result(self._finish(p.enc, ids, p.sampler, ms))
 
     @property
+    def batches(self) -> int:
+        """Batches taken from the queue so far (requests served together count once)."""
+        return self._batches
+
+    @property
     def waiting(self) -> int:
         """Requests queued and not yet in a batch."""
         return sum(1 for p in self._pending if not p.future.done())

@@ -91,7 +91,7 @@ def endpoints(audio: np.ndarray, policy: tuple, words: Words) -> list[int]:
             if isinstance(ev, SpeechPaused):
                 text, ms = words(ev.audio)
                 hint = (now_ms + int(ms), looks_finished(text))
-                vad.extend_hangover(unfinished)  # the words decide; the longer hang-over is the fallback
+                vad.set_pause_hangover(unfinished)  # the words decide; the longer hang-over is the fallback
             elif isinstance(ev, SpeechResumed):
                 hint = None
             elif isinstance(ev, SpeechStopped):
@@ -102,7 +102,7 @@ def endpoints(audio: np.ndarray, policy: tuple, words: Words) -> list[int]:
                 if vad.end_now() is not None:
                     ends.append(now_ms)
             elif unfinished:
-                vad.extend_hangover(unfinished)
+                vad.set_pause_hangover(unfinished)
             hint = None
     return ends
 

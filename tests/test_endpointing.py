@@ -60,8 +60,8 @@ def test_no_pause_without_the_option_or_for_a_blip() -> None:
     assert not any(isinstance(e, SpeechPaused) for e in events)
 
 
-def test_end_now_and_extend_hangover() -> None:
-    """end_now() closes the utterance at once ("early"); extend_hangover() makes the next one wait longer."""
+def test_end_now_and_set_pause_hangover() -> None:
+    """end_now() closes the utterance at once ("early"); set_pause_hangover() makes the next one wait longer."""
     question = speech("Where is the nearest bus stop?", lead_s=0.3, tail_s=0.0)
     vad = VAD(VADOptions(pause_ms=200, hangover_ms=600))
     events = vad.feed(np.concatenate([question, silence(300)]).tobytes())
@@ -72,7 +72,7 @@ def test_end_now_and_extend_hangover() -> None:
     # The same question with the hang-over stretched to 1.5 s: 1 s of silence does not end it, 1.5 s does.
     vad = VAD(VADOptions(pause_ms=200, hangover_ms=600))
     vad.feed(np.concatenate([question, silence(300)]).tobytes())
-    vad.extend_hangover(1500)
+    vad.set_pause_hangover(1500)
     assert not any(isinstance(e, SpeechStopped) for e in vad.feed(silence(700).tobytes()))
     (stop,) = [e for e in vad.feed(silence(600).tobytes()) if isinstance(e, SpeechStopped)]
     assert stop.reason == "silence"
@@ -113,10 +113,10 @@ def test_looks_finished(text, finished) -> None:
 
 def test_whisper_punctuates_what_the_rule_reads() -> None:
     """On real speech, Whisper's text of finished questions reads finished; of cut sentences, unfinished.
-    (Whisper on two busy threads may hear a cut ending differently: "to the..." or "to that.", so most, not all.)"""
+    (Whisper on two busy threads may hear a cut word differently, "to the" as "to that.", so most, not all.)"""
     asr = transcriber()
     finished = ["Is the museum open on Mondays?", "Where is the nearest bus stop?", "Thank you very much."]
-    cut = ["I would like to go to the", "Can you tell me how to get to the", "I want to book a table for"]
+    cut = ["Can you tell me how to get to the", "I would like to book a table for two and", "I need a ticket to"]
     heard = {t: asr.transcribe(speech(t, tail_s=0.3)) for t in finished + cut}
     assert sum(looks_finished(heard[t]) for t in finished) >= 2, heard
     assert sum(not looks_finished(heard[t]) for t in cut) >= 2, heard
@@ -217,3 +217,86 @@ async def test_an_unfinished_sentence_waits_longer() -> None:
     finally:
         await s.close()
     assert fed - len(cut) * 1000 // RATE >= 2300  # the 1.2 s hang-over was stretched to 2.5 s
+
+
+class FailingVoice:
+    """piper, failing on every sentence after the first: the only way to reach a synthesis error part way
+    through a reply with a real pipeline around it."""
+
+    def __init__(self) -> None:
+        self.voice, self.spoken = synthesizer(), 0
+        self.sample_rate = self.voice.sample_rate
+
+    def synthesize_all(self, text: str) -> np.ndarray:
+        from tts.errors import SynthesisError
+        self.spoken += 1
+        if self.spoken > 1:
+            raise SynthesisError("this voice fails on purpose", text)
+        return self.voice.synthesize_all(text)
+
+
+async def drain(session: VoiceSession, events: list[dict], wait: float = 0.5) -> None:
+    """Whatever else the session sends within `wait` s."""
+    try:
+        while (item := await asyncio.wait_for(session.next_event(), wait)) is not None:
+            if isinstance(item, str):
+                events.append(json.loads(item))
+    except asyncio.TimeoutError:
+        pass
+
+
+async def test_a_tentative_turn_that_fails_sends_nothing_after_its_end() -> None:
+    """A tentative turn whose speech synthesis fails after its first sentence ends with error then
+    turn.done at the endpoint, and no reply audio follows them."""
+    engine = ScriptedEngine(reply="It is close. It is five minutes away on foot.")
+    s = VoiceSession(Services(engine, transcriber(), FailingVoice()),  # the failure comes before the endpoint
+                     SessionConfig(vad=VADOptions(pause_ms=200, hangover_ms=2000), partial_every_ms=0,
+                                   end_when_finished=False))
+    await s.start()
+    events: list[dict] = []
+    try:
+        await play(s, speech("Where is the nearest bus stop?", tail_s=0.0), events, until="turn.done")
+        await drain(s, events)
+    finally:
+        await s.close()
+    kinds = [e["type"] for e in events]
+    assert [e["code"] for e in events if e["type"] == "error"] == ["tts_failed"]
+    assert kinds.index("error") < kinds.index("turn.done")
+    assert "audio.start" not in kinds[kinds.index("turn.done"):]
+    assert kinds.count("audio.start") == kinds.count("audio.end")
+
+
+async def test_typing_during_a_pause_replaces_the_tentative_turn() -> None:
+    """Text typed while a tentative turn waits at a pause replaces it: the typed turn runs to its end, and
+    speaking on afterwards does not cut it short, even when the tentative turn had failed already (here:
+    no recognizer)."""
+    engine = ScriptedEngine(reply="Hello there.")
+    s = VoiceSession(Services(engine, None, synthesizer()),
+                     SessionConfig(vad=VADOptions(pause_ms=200), partial_every_ms=0, unfinished_hangover_ms=3000))
+    await s.start()
+    events: list[dict] = []
+    first = speech(FIRST_HALF, lead_s=0.3, tail_s=0.0)
+    reader = asyncio.create_task(drain(s, events, wait=30.0))
+    try:
+        for chunk in pcm_chunks(np.concatenate([first, silence(400)]), RATE // 50):  # real time, then a pause
+            await s.feed(P.Audio(chunk))
+            await asyncio.sleep(0.02)
+        assert s.input.tentative is not None, "a tentative turn began at the pause"
+        await s.feed(P.TextTurn("hello"))
+        for chunk in pcm_chunks(np.concatenate([speech(SECOND_HALF, lead_s=0.0, tail_s=0.0), silence(300)]),
+                                RATE // 50):
+            await s.feed(P.Audio(chunk))
+            await asyncio.sleep(0.02)
+        for _ in range(200):
+            if any(e["type"] == "turn.done" for e in events):
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        reader.cancel()
+        await asyncio.gather(reader, return_exceptions=True)
+        await s.close()
+    kinds = [e["type"] for e in events]
+    assert "turn.done" in kinds and "turn.interrupted" not in kinds, kinds
+    assert not any(e["type"] == "error" and e.get("turn_id") == 1 for e in events), events
+    replies = [e for e in events if e["type"] == "turn.reply"]
+    assert replies and replies[0]["text"] == "Hello there." and replies[0]["turn_id"] == 1

@@ -227,8 +227,9 @@ async def _main(args: argparse.Namespace) -> int:
                 engine.options = replace(engine.options, sampler=replace(engine.options.sampler, lead_tokens=value))
             elif name == "pause_ms":
                 from asr import VADOptions
-                from .session import SessionConfig
-                server.options = replace(server.options, session=replace(SessionConfig(), vad=VADOptions(pause_ms=value)))
+                session = server.options.session
+                vad = replace(session.vad or VADOptions(), pause_ms=value)
+                server.options = replace(server.options, session=replace(session, vad=vad))
             if name:
                 print(f"\n--- {label} ---")
             runs[label] = await run_bench(url, utterances, chunk_ms=args.chunk_ms, speed=args.speed)

@@ -57,10 +57,13 @@ def _add_session_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-utterance-ms", type=int, default=15000, help="longest utterance (default: 15000)")
     g.add_argument("--no-partials", action="store_true", help="no partial transcripts while speaking "
                    "(saves CPU and a little latency at the endpoint on small machines)")
-    g.add_argument("--pause-ms", type=int, default=200, help="silence after which the turn starts tentatively, "
-                   "dropped if the speaker goes on (default: 200; 0: wait for the endpoint)")
-    g.add_argument("--unfinished-hangover-ms", type=int, default=1500,
-                   help="silence that ends an utterance whose words sound unfinished (default: 1500)")
+    from .session import DEFAULT_PAUSE_MS, SessionConfig
+    g.add_argument("--pause-ms", type=int, default=DEFAULT_PAUSE_MS, help="silence after which the turn starts "
+                   f"tentatively, dropped if the speaker goes on (default: {DEFAULT_PAUSE_MS}; 0: wait for the "
+                   "endpoint; less than --hangover-ms)")
+    g.add_argument("--unfinished-hangover-ms", type=int, default=SessionConfig.unfinished_hangover_ms,
+                   help="silence that ends an utterance whose words sound unfinished "
+                   f"(default: {SessionConfig.unfinished_hangover_ms})")
 
 
 def _session_config(args: argparse.Namespace):

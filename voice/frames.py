@@ -16,6 +16,7 @@ import asyncio
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 
@@ -154,6 +155,11 @@ class Conversation:
 class Frame:
     """Base of everything that moves between stages."""
 
+    # Goes into an inbox without waiting for room, like the control frames. Only for frames that are
+    # bounded by construction (one per tentative turn) and that flow against the stream, where waiting
+    # for room could close a cycle of full inboxes.
+    unbounded: ClassVar[bool] = False
+
 
 @dataclass(eq=False)
 class Interrupt(Frame):
@@ -216,10 +222,12 @@ class FinalRequest(Frame):
 
 @dataclass(eq=False)
 class EndpointHint(Frame):
-    """From the transcript of a tentative turn, to the input stage: does it read as finished?"""
+    """From the transcript of a tentative turn, to the input stage: does it read as finished?
+    None: no words to judge by (nothing heard, or recognition failed)."""
 
+    unbounded: ClassVar[bool] = True
     turn: TurnRecord
-    finished: bool
+    finished: bool | None
 
 
 @dataclass(eq=False)

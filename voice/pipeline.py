@@ -68,8 +68,8 @@ class Inbox:
         return len(self._items)
 
     def _data(self) -> int:
-        """Queued data frames: control frames do not count against the bound."""
-        return sum(1 for f in self._items if not isinstance(f, (Interrupt, End)))
+        """Queued data frames: control frames (and `Frame.unbounded` ones) do not count against the bound."""
+        return sum(1 for f in self._items if not (isinstance(f, (Interrupt, End)) or f.unbounded))
 
     def pending(self) -> list[Frame]:
         return list(self._items)
@@ -86,7 +86,7 @@ class Inbox:
                 self.epoch += 1
                 flag, self._flag = self._flag, asyncio.Event()
                 flag.set()
-            elif isinstance(frame, End):
+            elif isinstance(frame, End) or frame.unbounded:
                 self._items.append(frame)
             else:
                 await self._cond.wait_for(lambda: self._data() < self.maxsize)

@@ -63,12 +63,12 @@ log = logging.getLogger("voice.session")
 ASR_RATE = 16000  # the VAD and Whisper both work at 16 kHz
 
 
+DEFAULT_PAUSE_MS = 200  # silence after which a tentative turn starts (scripts/endpoint_sweep.py)
+
+
 def _default_vad():
     from asr import VADOptions
     return VADOptions(sample_rate=ASR_RATE, frame_ms=30, pause_ms=DEFAULT_PAUSE_MS)
-
-
-DEFAULT_PAUSE_MS = 200  # silence after which a tentative turn starts (scripts/endpoint_sweep.py)
 
 
 @dataclass(frozen=True)
@@ -243,8 +243,10 @@ class InputStage(Stage):
                 self.utterance.ended = True
             self.utterance = None
             await self.s.emit(P.speech_stopped(ev.t_ms))
+            if ev.reason == "max_length":  # cut in mid-speech: the words after the pause are the turn's too
+                await self._drop_tentative()
             if self.tentative is not None:  # the pause was the end: the turn under way is the turn
-                await self._confirm(ev)
+                await self._confirm()
                 return
             await self._barge_in("turn")
             speech_end = min(self._arrival(ev.t_ms), now())
@@ -273,25 +275,26 @@ class InputStage(Stage):
         cfg = self.s.config
         if cfg.end_when_finished and cfg.unfinished_hangover_ms:
             # The words decide this pause, however long Whisper takes; the longer hang-over is the fallback.
-            self.vad.extend_hangover(cfg.unfinished_hangover_ms)
+            self.vad.set_pause_hangover(cfg.unfinished_hangover_ms)
         await self.push(FinalRequest(record, ev.audio))
 
     async def _drop_tentative(self) -> None:
-        """The speaker went on: the tentative turn was not a turn. Its work stops; the client saw nothing."""
+        """The speaker went on (or typed): the tentative turn was not a turn. Its work stops; the client
+        saw nothing."""
         record, self.tentative = self.tentative, None
         if record is None:
             return
         if self.utterance is not None:  # partials again (one queued before the pause may have been dropped)
             self.utterance.ended = self.utterance.partial_pending = False
+        running = record.finished_at is None  # an empty transcript or an error ended it already
         record.interrupt("resumed", now())
         self.s.conversation.discard(record)
-        await self.push(Interrupt("resumed", record))
+        if running:  # no other turn runs beside a tentative one, so the interrupt stops only its work
+            await self.push(Interrupt("resumed", record))
 
-    async def _confirm(self, ev=None) -> None:
+    async def _confirm(self) -> None:
         """The endpoint: the tentative turn becomes the turn, and what it held goes to the client."""
         record, self.tentative = self.tentative, None
-        if ev is not None and ev.reason != "silence":  # the utterance ended another way: say when
-            record.timings["speech_ms"] = len(ev.audio) * 1000 / ASR_RATE
         record.timings["endpoint_ms"] = _ms(record.started)
         await self.s.confirm(record)
 
@@ -300,12 +303,14 @@ class InputStage(Stage):
         cfg = self.s.config
         if hint.turn is not self.tentative:
             return  # dropped or confirmed meanwhile
-        if hint.finished and cfg.end_when_finished:
+        if hint.finished is None:  # no words to judge by: the usual hang-over decides
+            self.vad.set_pause_hangover(0)
+        elif hint.finished and cfg.end_when_finished:
             ev = self.vad.end_now()
             if ev is not None:
                 await self._on_vad(ev)
         elif not hint.finished and cfg.unfinished_hangover_ms:
-            self.vad.extend_hangover(cfg.unfinished_hangover_ms)
+            self.vad.set_pause_hangover(cfg.unfinished_hangover_ms)
 
     async def _maybe_partial(self) -> None:
         u, cfg = self.utterance, self.s.config
@@ -327,11 +332,10 @@ class InputStage(Stage):
         turn (a new utterance ended while the old turn went on, with barge-in off)."""
         if reason == "speech" and not self.s.config.barge_in:
             return
-        record = self.s.conversation.active(now())
-        if record is None:
-            return
-        if record is self.tentative:
+        if reason == "text":  # a typed turn replaces what was being said
             await self._drop_tentative()
+        record = self.s.conversation.active(now())
+        if record is None or record.tentative:  # nothing of a tentative turn plays: nothing to stop
             return
         record.interrupt(reason, now())
         await self.push(Interrupt(reason, record))
@@ -367,7 +371,12 @@ class ASRStage(Stage):
         elif isinstance(frame, FinalRequest):
             record, t0 = frame.turn, now()
             record.timings["asr_wait_ms"] = _ms(record.started + record.timings.get("endpoint_ms", 0) / 1000, t0)
-            text = await self._transcribe(frame.audio)
+            try:
+                text = await self._transcribe(frame.audio)
+            except Exception:
+                if record.tentative:  # no words to judge the endpoint by
+                    await self.s.hint_endpoint(EndpointHint(record, None))
+                raise
             record.timings["asr_ms"] = _ms(t0)
             record.user = text
             await self.s.emit_turn(record, P.transcript_final(record.turn_id, text))
@@ -375,7 +384,7 @@ class ASRStage(Stage):
                 await self.push(TranscriptReady(record, text))
             if record.tentative:  # the words judge the endpoint
                 from asr import looks_finished
-                await self.s.hint_endpoint(EndpointHint(record, looks_finished(text)))
+                await self.s.hint_endpoint(EndpointHint(record, looks_finished(text) if text else None))
             if not text:  # nothing intelligible: the turn ends here
                 await self.s.finish_turn(record)
         else:
@@ -512,8 +521,8 @@ class OutputStage(Stage):
             await frame.turn.confirmed.wait()  # a tentative turn's audio waits for the endpoint
         if isinstance(frame, SpeechChunk):
             record = frame.turn
-            if record.interrupted_at is not None:
-                return
+            if record.interrupted_at is not None or record.finished_at is not None:
+                return  # cut short, or failed (its error and turn.done are out): no audio after them
             t = now()
             if record.first_audio is None:
                 await s.emit(P.audio_start(record.turn_id, s.output_rate))

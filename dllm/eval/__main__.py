@@ -181,6 +181,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lead", default=None,
                    help="reply tokens decoded first, so the first sentence settles early (SamplerOptions.lead_tokens); "
                         "a comma list gives a row for each (default: the engine's)")
+    p.add_argument("--lead-steps", default=None,
+                   help="steps given to the lead (SamplerOptions.lead_steps; default: half of K); a comma list gives "
+                        "a row for each")
     p.add_argument("--sets", default="held-out,dev", help="comma list of held-out, dev")
     p.add_argument("--heldout", default="data/heldout.jsonl")
     p.add_argument("--limit", type=int, default=0, help="at most this many rows per set part (0: all)")
@@ -205,13 +208,19 @@ def main(argv: list[str] | None = None) -> None:
               f"examples seen: {meta.get('examples_seen')})")
         print(HEADER, flush=True)
     leads = [None] if args.lead is None else [int(x) for x in args.lead.split(",")]
-    for k, lead in [(k, lead) for k in [int(x) for x in args.steps.split(",")] for lead in leads]:
+    lead_steps = [None] if args.lead_steps is None else [int(x) for x in args.lead_steps.split(",")]
+    for k, lead, first in [(k, lead, first) for k in [int(x) for x in args.steps.split(",")]
+                           for lead in leads for first in lead_steps]:
         base = replace(engine.options.sampler, steps=k)
         if lead is not None:
             base = replace(base, lead_tokens=lead)
+        if first is not None:
+            base = replace(base, lead_steps=first)
         for label, sampler in guard_variants(args.guards, base):
             if lead is not None:
                 label = f"{label}, lead {lead}"
+            if first is not None:
+                label = f"{label}, lead in {first} steps"
             results = evaluate(engine, sets, sampler)
             rows.append({"steps": k, "guards": label, "lead_tokens": sampler.lead_tokens, "results": results})
             if not args.json:

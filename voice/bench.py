@@ -214,7 +214,7 @@ async def _main(args: argparse.Namespace) -> int:
         print(f"server: {url}")
     # Variants run in turn on the same loaded models: the sampler's lead, or the pause that starts a turn.
     variants: list[tuple[str, str, int]] = []
-    for name, value in (("lead_tokens", args.lead), ("pause_ms", args.pause_ms)):
+    for name, value in (("lead_tokens", args.lead), ("lead_steps", args.lead_steps), ("pause_ms", args.pause_ms)):
         if value is not None and server is None:
             print(f"{name} variants need the in-process server; ignored")
         elif value is not None:
@@ -222,9 +222,9 @@ async def _main(args: argparse.Namespace) -> int:
     runs: dict[str, list[TurnSample]] = {}
     try:
         for label, name, value in variants or [("the server's default", "", 0)]:
-            if name == "lead_tokens":
+            if name in ("lead_tokens", "lead_steps"):
                 engine = services.engine
-                engine.options = replace(engine.options, sampler=replace(engine.options.sampler, lead_tokens=value))
+                engine.options = replace(engine.options, sampler=replace(engine.options.sampler, **{name: value}))
             elif name == "pause_ms":
                 from asr import VADOptions
                 session = server.options.session
@@ -296,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", metavar="FILE", help="also write every turn's sample here")
     p.add_argument("--lead", help="comma list of SamplerOptions.lead_tokens to run in turn on the same models "
                                   "(in-process server), e.g. 0,12: the first sentence spoken before the pass ends")
+    p.add_argument("--lead-steps", help="comma list of SamplerOptions.lead_steps to run in turn (in-process server): "
+                                        "the steps after which the reply's first sentence is final")
     p.add_argument("--pause-ms", help="comma list of asr.VADOptions.pause_ms to run in turn (in-process server), "
                                       "e.g. 0,200: the turn waits for the endpoint, or starts at a 200 ms pause")
     p.add_argument("--peer", action="store_true",

@@ -205,8 +205,9 @@ class DLLMReplica(_Replica):
         try:
             while (step := await steps.get()) is not None:
                 yield step
+            result = job.result()  # raises the request's error: only answered requests count as served
             self._served(kw.get("client"))
-            yield job.result()
+            yield result
         finally:  # the caller left (or the stream failed): the request leaves its batch
             job.cancel()
 
@@ -559,10 +560,15 @@ class FrontEndApp:
         self.server_args = server
         self.asr, self.tts = asr, tts
         self._server = None
+        self._building: asyncio.Lock | None = None  # made on the replica's loop (a lock does not pickle)
 
     async def _build(self) -> None:
         from .server import ServerOptions, VoiceServer
-        if self._server is None:
+        if self._building is None:
+            self._building = asyncio.Lock()
+        async with self._building:  # two first requests at once build one server
+            if self._server is not None:
+                return
             services = await connect(asr=self.asr, tts=self.tts, wait_s=600.0)
             # The token is read on the replica (set VOICE_TOKEN in the config's runtime_env), so it
             # need not be written in the config file.
@@ -583,6 +589,8 @@ class FrontEndApp:
                         return
                     await send({"type": "lifespan.startup.complete"})
                 elif message["type"] == "lifespan.shutdown":
+                    if self._server is not None:  # says 1001 to open sessions, like a local server
+                        await self._server.close()
                     await send({"type": "lifespan.shutdown.complete"})
                     return
         await self._build()

@@ -499,9 +499,9 @@ def test_lead_commits_the_cleaned_field_and_the_reply_start_first(tiny_engine):
     tiny_engine.generate([enc], opts, on_step=lambda s, c: seen.append(c[0].tolist()))
     field = torch.tensor(enc.field)
     reply = (field == 1).nonzero().flatten()
-    after4 = torch.tensor(seen[3]) == mask_id
-    assert not after4[field == 0].any() and not after4[reply[:10]].any(), "the lead is done after 4 of 8 steps"
-    assert after4[reply[10:]].all(), "the rest of the reply waits for the second half"
+    after6 = torch.tensor(seen[5]) == mask_id
+    assert not after6[field == 0].any() and not after6[reply[:10]].any(), "the lead is done after 6 of 8 steps"
+    assert after6[reply[10:]].all(), "the rest of the reply waits for the last quarter"
     assert mask_id not in seen[-1]
 
 
@@ -510,7 +510,8 @@ def test_lead_options_are_checked():
         SamplerOptions(steps=8, lead_tokens=8, lead_steps=8)
     from dllm.sampler import pass_spans, uses_lead
     turn = torch.tensor([-1] + [0] * 8 + [-1] + [1] * 32)  # a voice turn's fields
-    assert pass_spans(SamplerOptions(steps=8, lead_tokens=8), turn) == [4, 4]
+    assert pass_spans(SamplerOptions(steps=8, lead_tokens=8), turn) == [6, 2]
+    assert pass_spans(SamplerOptions(steps=4, lead_tokens=8), turn) == [3, 1]
     assert pass_spans(SamplerOptions(steps=8, lead_tokens=8, lead_steps=5), turn) == [5, 3]
     assert pass_spans(SamplerOptions(steps=8, lead_tokens=8, blocks=4), turn) == [2, 2, 2, 2], "blocks replace the lead"
     assert not uses_lead(SamplerOptions(steps=8, lead_tokens=8, blocks=2), turn)

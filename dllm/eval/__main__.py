@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="reply tokens decoded first, so the first sentence settles early (SamplerOptions.lead_tokens); "
                         "a comma list gives a row for each (default: the engine's)")
     p.add_argument("--lead-steps", default=None,
-                   help="steps given to the lead (SamplerOptions.lead_steps; default: half of K); a comma list gives "
+                   help="steps given to the lead (SamplerOptions.lead_steps; default: three quarters of K); a comma list gives "
                         "a row for each")
     p.add_argument("--sets", default="held-out,dev", help="comma list of held-out, dev")
     p.add_argument("--heldout", default="data/heldout.jsonl")

@@ -280,8 +280,9 @@ def denoise(predict: Callable[[Tensor, int, Tensor], Tensor], canvas: Tensor, ma
             continue
         logits = predict(canvas, step, cols)  # (B, C, V)
         V = logits.shape[-1]
+        # Drawn for the whole canvas, then cut to `cols`: a row's draws do not depend on the rows beside it.
         noise = gumbel_noise((B, N, V), [s + step for s in seeds], logits.device)[:, cols] \
-            if opts.temperature > 0 and seeds is not None else None  # drawn whole: a row's draws do not depend on its batch
+            if opts.temperature > 0 and seeds is not None else None
         logits = _guard_logits(logits, canvas, field, cols, mask_id, opts, clean_vocab, repeat_ok)
         picked, picked_conf = score(logits, opts.confidence, opts.temperature, noise)  # (B, C)
         tokens = canvas.index_copy(1, cols, picked)  # (B, N); outside `cols` nothing is committed
@@ -290,7 +291,8 @@ def denoise(predict: Callable[[Tensor, int, Tensor], Tensor], canvas: Tensor, ma
         steps_left = 1 if last else ends_t[block] - step  # (B, 1)
         commit = _commit_mask(conf, candidates, steps_left, opts)
         if opts.no_repeat:  # equal neighbours still committed together: every second one takes its next choice
-            top = torch.full((B, N, 3), mask_id, device=canvas.device).index_copy(1, cols, logits.topk(3, dim=-1).indices)
+            top = torch.full((B, N, 3), mask_id, device=canvas.device)
+            top = top.index_copy(1, cols, logits.topk(3, dim=-1).indices)
             tokens = _split_repeats(tokens, canvas, commit, top, mask_id, repeat_ok)
         canvas = torch.where(commit, tokens, canvas)
         if opts.fill_after_end:

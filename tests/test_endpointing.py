@@ -162,7 +162,8 @@ async def play(session: VoiceSession, pcm: np.ndarray, events: list[dict], *, un
 
 async def session(engine: ScriptedEngine, **config) -> VoiceSession:
     vad = config.pop("vad", VADOptions(pause_ms=200))
-    s = VoiceSession(Services(engine, transcriber(), synthesizer()), SessionConfig(vad=vad, partial_every_ms=0, **config))
+    s = VoiceSession(Services(engine, transcriber(), synthesizer()),
+                     SessionConfig(vad=vad, partial_every_ms=0, **config))
     await s.start()
     return s
 

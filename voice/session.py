@@ -421,8 +421,8 @@ class TurnStage(Stage):
             if record.interrupted_at is not None:
                 return
             if cfg.canvas:
-                self.s.emit_turn_nowait(record, P.turn_canvas(record.turn_id, step=c.step, steps=c.steps, cleaned=c.cleaned,
-                                                       reply=c.reply, masked=c.masked))
+                self.s.emit_turn_nowait(record, P.turn_canvas(record.turn_id, step=c.step, steps=c.steps,
+                                                              cleaned=c.cleaned, reply=c.reply, masked=c.masked))
             if speak_early and len(c.settled) > len(queued) and c.step < c.steps:
                 queued = c.settled
                 settled.put_nowait(c.settled)

@@ -25,6 +25,14 @@ def synthesizer():
 
 
 @functools.cache
+def speaker():
+    """The voice that speaks the tests' audio: piper without its sampling noise, so the same text is the same
+    audio on every run (with the noise, one take in a few of "... get to the" read as a finished sentence)."""
+    from tts import Synthesizer, SynthesizerOptions
+    return Synthesizer.load(SynthesizerOptions(noise_scale=0.0, noise_w_scale=0.0))
+
+
+@functools.cache
 def transcriber():
     from asr import Transcriber
     return Transcriber.load()
@@ -34,8 +42,8 @@ def transcriber():
 def speech(text: str = QUESTION, rate: int = 16000, lead_s: float = 0.3, tail_s: float = 1.2) -> np.ndarray:
     """`text` spoken by piper, resampled to `rate`, with silence before and after (int16)."""
     from tts import resample
-    synth = synthesizer()
-    pcm = resample(synth.synthesize_all(text), synth.sample_rate, rate)
+    voice = speaker()
+    pcm = resample(voice.synthesize_all(text), voice.sample_rate, rate)
     return np.concatenate([np.zeros(int(lead_s * rate), np.int16), pcm, np.zeros(int(tail_s * rate), np.int16)])
 
 

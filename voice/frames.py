@@ -6,6 +6,10 @@ stage drop what it has queued and cancel what it runs (barge-in, the stop
 button, a new typed turn); `End` closes the pipeline after everything before
 it has been processed. Both get through any full queue.
 
+The stages never reach into the session: what they tell it (a client event,
+a turn confirmed or finished, an error) goes as one of the frozen records at
+the end of this module, through the `Notify` callable each stage is given.
+
 A `TurnRecord` travels with a turn's frames. It holds the turn's clock
 readings and the sentences of the reply as they were sent, which is what
 the `Conversation` keeps as history: only what the user actually heard.
@@ -15,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -23,7 +28,8 @@ import numpy as np
 __all__ = [
     "Frame", "Interrupt", "End", "AudioIn", "EndOfInput", "TextIn", "StopRequest", "Utterance",
     "PartialRequest", "FinalRequest", "TranscriptReady", "ReplyReady", "SpeechChunk", "ReplyEnd", "EndpointHint",
-    "TurnRecord", "Conversation",
+    "TurnRecord", "Conversation", "Say", "SayForTurn", "SayForTurnNow", "TurnConfirmed", "TurnFinished",
+    "AudioFlushed", "StageFailed", "SessionEvent", "Notify",
 ]
 
 
@@ -263,3 +269,63 @@ class SpeechChunk(Frame):
 @dataclass(eq=False)
 class ReplyEnd(Frame):
     turn: TurnRecord
+
+
+# ----- stage to session (each stage's `notify`)
+
+@dataclass(frozen=True)
+class Say:
+    """A client event (str) or reply audio (bytes): sent now, waiting while the outbox is full."""
+
+    item: str | bytes
+
+
+@dataclass(frozen=True)
+class SayForTurn:
+    """An event of a turn: sent now, or held until the endpoint if the turn is tentative."""
+
+    turn: TurnRecord
+    item: str | bytes
+
+
+@dataclass(frozen=True)
+class SayForTurnNow:
+    """`SayForTurn` from a callback on the loop that cannot wait (the canvas): dropped if the outbox is full.
+    Goes through the stage's sync `notify_nowait`, not `notify`."""
+
+    turn: TurnRecord
+    item: str | bytes
+
+
+@dataclass(frozen=True)
+class TurnConfirmed:
+    """The endpoint confirmed a tentative turn: what it held goes out, its audio may follow."""
+
+    turn: TurnRecord
+
+
+@dataclass(frozen=True)
+class TurnFinished:
+    """Close the turn with `turn.done` (unless it was interrupted or is closed already)."""
+
+    turn: TurnRecord
+
+
+@dataclass(frozen=True)
+class AudioFlushed:
+    """Barge-in on a turn whose audio went out: drop the queued audio, tell the client to flush its playback."""
+
+    turn: TurnRecord
+
+
+@dataclass(frozen=True)
+class StageFailed:
+    """`process` raised on `frame`: reported to the client, and a turn it broke is closed."""
+
+    error: BaseException
+    frame: Frame
+
+
+# `EndpointHint` is one too: the session passes it back to the input stage.
+SessionEvent = Say | SayForTurn | TurnConfirmed | TurnFinished | AudioFlushed | StageFailed | EndpointHint
+Notify = Callable[[SessionEvent], Awaitable[None]]

@@ -12,6 +12,14 @@ engine's own thread, so the event loop only moves frames. The design follows
 Pipecat's pipelines; the timing metric follows its "voice-to-voice" latency:
 from the end of the user's speech to the first reply audio sent.
 
+A stage never holds the session: it is built with what it reads (the config,
+its model, the conversation, the output rate) and tells the session what
+happened through its `notify`, as a small frozen record (`frames.Say`,
+`SayForTurn`, `TurnConfirmed`, `TurnFinished`, `EndpointHint`,
+`AudioFlushed`, `StageFailed`). `VoiceSession._on_event` acts on them in one
+place. The dLLM's canvas callback cannot wait, so the turn stage also gets a
+sync `notify_nowait` for `SayForTurnNow`.
+
 Using the silence: at a short pause (`asr.VADOptions.pause_ms`, before the
 hang-over that ends an utterance) the input stage starts a *tentative* turn on
 the audio so far: Whisper, then the dLLM pass and piper, all while the
@@ -42,7 +50,7 @@ import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -50,9 +58,10 @@ import numpy as np
 from . import errors as E
 from . import protocol as P
 from .audio import StreamResampler, pcm_chunks
-from .frames import (AudioIn, Conversation, End, EndOfInput, EndpointHint, FinalRequest, Frame, Interrupt,
-                     PartialRequest, ReplyEnd, ReplyReady, ReplySettled, SpeechChunk, StopRequest, TextIn,
-                     TranscriptReady, TurnRecord, Utterance, now)
+from .frames import (AudioFlushed, AudioIn, Conversation, End, EndOfInput, EndpointHint, FinalRequest, Frame,
+                     Interrupt, Notify, PartialRequest, ReplyEnd, ReplyReady, ReplySettled, Say, SayForTurn,
+                     SayForTurnNow, SessionEvent, SpeechChunk, StageFailed, StopRequest, TextIn, TranscriptReady,
+                     TurnConfirmed, TurnFinished, TurnRecord, Utterance, now)
 from .pipeline import Outbox, Stage, cancel_and_wait
 from .services import Services
 
@@ -157,21 +166,28 @@ def _ms(t0: float, t1: float | None = None) -> float:
 
 # ----- the stages
 
-class InputStage(Stage):
+class _SessionStage(Stage):
+    """A stage of a session: it tells the session what happened through `notify`, its errors included."""
+
+    def __init__(self, inbox_size: int, notify: Notify) -> None:
+        super().__init__(inbox_size, lambda exc, frame: notify(StageFailed(exc, frame)))
+        self.notify = notify
+
+
+class InputStage(_SessionStage):
     """Resampling, VAD and endpointing; the source of turns and of interrupts."""
 
     name = "input"
     interruptible = False  # interrupts start here
 
-    def __init__(self, session: VoiceSession) -> None:
-        super().__init__(session.config.inbox_size, session._report)
+    def __init__(self, config: SessionConfig, conversation: Conversation, notify: Notify) -> None:
+        super().__init__(config.inbox_size, notify)
         from asr import VAD
 
-        self.s = session
-        cfg = session.config
-        rate = cfg.input_sample_rate
+        self.config, self.conversation = config, conversation
+        rate = config.input_sample_rate
         self.resampler = StreamResampler(rate, ASR_RATE) if rate != ASR_RATE else None
-        self.vad = VAD(cfg.vad or _default_vad())
+        self.vad = VAD(config.vad or _default_vad())
         self.samples = 0  # 16 kHz samples fed to the VAD
         self.utterance: Utterance | None = None
         self.tentative: TurnRecord | None = None  # begun at a pause of the open utterance
@@ -188,13 +204,13 @@ class InputStage(Stage):
         elif isinstance(frame, EndOfInput):
             events = self.vad.flush()
             if not events:
-                await self.s.emit(P.error(P.ErrorCode.NO_SPEECH,
-                                          "input.end arrived but no speech was detected since the last turn"))
+                await self.notify(Say(P.error(P.ErrorCode.NO_SPEECH,
+                                              "input.end arrived but no speech was detected since the last turn")))
             for ev in events:
                 await self._on_vad(ev)
         elif isinstance(frame, TextIn):
             await self._barge_in("text")
-            record = self.s.conversation.begin(typed=True, started=now(), user=frame.text)
+            record = self.conversation.begin(typed=True, started=now(), user=frame.text)
             await self.push(TranscriptReady(record, frame.text))
         elif isinstance(frame, StopRequest):
             await self._barge_in("client")
@@ -230,7 +246,7 @@ class InputStage(Stage):
         from asr import SpeechDiscarded, SpeechPaused, SpeechResumed, SpeechStarted, SpeechStopped
 
         if isinstance(ev, SpeechStarted):
-            await self.s.emit(P.speech_started(ev.t_ms))
+            await self.notify(Say(P.speech_started(ev.t_ms)))
             await self._barge_in("speech")
             self._utterances += 1
             self.utterance = Utterance(self._utterances, last_partial_samples=self.samples)
@@ -242,7 +258,7 @@ class InputStage(Stage):
             if self.utterance is not None:
                 self.utterance.ended = True
             self.utterance = None
-            await self.s.emit(P.speech_stopped(ev.t_ms))
+            await self.notify(Say(P.speech_stopped(ev.t_ms)))
             if ev.reason == "max_length":  # cut in mid-speech: the words after the pause are the turn's too
                 await self._drop_tentative()
             if self.tentative is not None:  # the pause was the end: the turn under way is the turn
@@ -250,7 +266,7 @@ class InputStage(Stage):
                 return
             await self._barge_in("turn")
             speech_end = min(self._arrival(ev.t_ms), now())
-            record = self.s.conversation.begin(typed=False, started=speech_end)
+            record = self.conversation.begin(typed=False, started=speech_end)
             record.timings["endpoint_ms"] = _ms(speech_end)
             record.timings["speech_ms"] = len(ev.audio) * 1000 / ASR_RATE
             await self.push(FinalRequest(record, ev.audio))
@@ -259,20 +275,20 @@ class InputStage(Stage):
                 self.utterance.ended = True
             self.utterance = None
             await self._drop_tentative()
-            await self.s.emit(P.speech_stopped(ev.t_ms, discarded=True))
+            await self.notify(Say(P.speech_stopped(ev.t_ms, discarded=True)))
 
     async def _begin_tentative(self, ev) -> None:
         """Start the turn on the audio so far, while the endpointer still listens."""
-        if self.tentative is not None or self.s.conversation.active(now()) is not None:
+        if self.tentative is not None or self.conversation.active(now()) is not None:
             return  # one at a time, and never over a reply still playing
         speech_end = min(self._arrival(ev.t_ms), now())
-        record = self.s.conversation.begin(typed=False, started=speech_end, tentative=True)
+        record = self.conversation.begin(typed=False, started=speech_end, tentative=True)
         record.timings["pause_ms"] = record.timings["endpoint_ms"] = _ms(speech_end)
         record.timings["speech_ms"] = len(ev.audio) * 1000 / ASR_RATE
         self.tentative = record
         if self.utterance is not None:  # a partial now would only make the final wait for Whisper
             self.utterance.ended = True
-        cfg = self.s.config
+        cfg = self.config
         if cfg.end_when_finished and cfg.unfinished_hangover_ms:
             # The words decide this pause, however long Whisper takes; the longer hang-over is the fallback.
             self.vad.set_pause_hangover(cfg.unfinished_hangover_ms)
@@ -288,7 +304,7 @@ class InputStage(Stage):
             self.utterance.ended = self.utterance.partial_pending = False
         running = record.finished_at is None  # an empty transcript or an error ended it already
         record.interrupt("resumed", now())
-        self.s.conversation.discard(record)
+        self.conversation.discard(record)
         if running:  # no other turn runs beside a tentative one, so the interrupt stops only its work
             await self.push(Interrupt("resumed", record))
 
@@ -296,11 +312,11 @@ class InputStage(Stage):
         """The endpoint: the tentative turn becomes the turn, and what it held goes to the client."""
         record, self.tentative = self.tentative, None
         record.timings["endpoint_ms"] = _ms(record.started)
-        await self.s.confirm(record)
+        await self.notify(TurnConfirmed(record))
 
     async def _on_hint(self, hint: EndpointHint) -> None:
         """The tentative turn's transcript says whether the speaker sounds finished."""
-        cfg = self.s.config
+        cfg = self.config
         if hint.turn is not self.tentative:
             return  # dropped or confirmed meanwhile
         if hint.finished is None:  # no words to judge by: the usual hang-over decides
@@ -313,7 +329,7 @@ class InputStage(Stage):
             self.vad.set_pause_hangover(cfg.unfinished_hangover_ms)
 
     async def _maybe_partial(self) -> None:
-        u, cfg = self.utterance, self.s.config
+        u, cfg = self.utterance, self.config
         if u is None or u.partial_pending or u.ended or cfg.partial_every_ms <= 0 or not self.vad.in_speech:
             return
         if self.vad.silence_ms:  # maybe the end: a partial started now would delay the final
@@ -330,31 +346,31 @@ class InputStage(Stage):
     async def _barge_in(self, reason: str) -> None:
         """Interrupt the turn in progress, if any. `reason`: speech, text, client, or
         turn (a new utterance ended while the old turn went on, with barge-in off)."""
-        if reason == "speech" and not self.s.config.barge_in:
+        if reason == "speech" and not self.config.barge_in:
             return
         if reason == "text":  # a typed turn replaces what was being said
             await self._drop_tentative()
-        record = self.s.conversation.active(now())
+        record = self.conversation.active(now())
         if record is None or record.tentative:  # nothing of a tentative turn plays: nothing to stop
             return
         record.interrupt(reason, now())
         await self.push(Interrupt(reason, record))
 
 
-class ASRStage(Stage):
+class ASRStage(_SessionStage):
     """Whisper on the utterance so far (partials) and on the whole of it (final)."""
 
     name = "asr"
 
-    def __init__(self, session: VoiceSession) -> None:
-        super().__init__(session.config.inbox_size, session._report)
-        self.s = session
+    def __init__(self, config: SessionConfig, transcriber, notify: Notify) -> None:
+        super().__init__(config.inbox_size, notify)
+        self.config, self.transcriber = config, transcriber
 
     async def _transcribe(self, audio: np.ndarray) -> str:
-        asr = self.s.services.transcriber
+        asr = self.transcriber
         if asr is None:
             raise E.NoRecognizer()
-        return await _within(asyncio.to_thread(asr.transcribe, audio), self.s.config.asr_timeout_s,
+        return await _within(asyncio.to_thread(asr.transcribe, audio), self.config.asr_timeout_s,
                              E.RecognitionFailed, "speech recognition")
 
     async def process(self, frame: Frame) -> None:
@@ -365,7 +381,7 @@ class ASRStage(Stage):
                     return
                 text = await self._transcribe(frame.audio)
                 if text and not u.ended:
-                    await self.s.emit(P.transcript_partial(text))
+                    await self.notify(Say(P.transcript_partial(text)))
             finally:
                 u.partial_pending = False
         elif isinstance(frame, FinalRequest):
@@ -375,33 +391,38 @@ class ASRStage(Stage):
                 text = await self._transcribe(frame.audio)
             except Exception:
                 if record.tentative:  # no words to judge the endpoint by
-                    await self.s.hint_endpoint(EndpointHint(record, None))
+                    await self.notify(EndpointHint(record, None))
                 raise
             record.timings["asr_ms"] = _ms(t0)
             record.user = text
-            await self.s.emit_turn(record, P.transcript_final(record.turn_id, text))
+            await self.notify(SayForTurn(record, P.transcript_final(record.turn_id, text)))
             if text:
                 await self.push(TranscriptReady(record, text))
             if record.tentative:  # the words judge the endpoint
                 from asr import looks_finished
-                await self.s.hint_endpoint(EndpointHint(record, looks_finished(text) if text else None))
+                await self.notify(EndpointHint(record, looks_finished(text) if text else None))
             if not text:  # nothing intelligible: the turn ends here
-                await self.s.finish_turn(record)
+                await self.notify(TurnFinished(record))
         else:
             await self.push(frame)
 
 
-class TurnStage(Stage):
+class TurnStage(_SessionStage):
     """The dLLM turn: one denoising pass writes the cleaned transcript and the reply."""
 
     name = "turn"
 
-    def __init__(self, session: VoiceSession) -> None:
-        super().__init__(session.config.inbox_size, session._report)
+    def __init__(self, config: SessionConfig, engine, conversation: Conversation, notify: Notify,
+                 notify_nowait: Callable[[SayForTurnNow], None], *, client: str, steps: int,
+                 speak_early: bool) -> None:
+        super().__init__(config.inbox_size, notify)
         from dllm import Turn  # here, not per turn: the first import of torch takes seconds
         from dllm.engine import PRIORITY_INTERACTIVE
 
-        self.s = session
+        self.config, self.engine, self.conversation = config, engine, conversation
+        self.notify_nowait = notify_nowait  # for the canvas callback, which must not wait
+        self.client, self.steps = client, steps  # `client`: the engine's queue serves clients fairly
+        self.speak_early = speak_early  # the config asks for it and there is a synthesizer
         self._Turn = Turn
         self._priority = PRIORITY_INTERACTIVE
 
@@ -409,11 +430,11 @@ class TurnStage(Stage):
         if not isinstance(frame, TranscriptReady):
             await self.push(frame)
             return
-        record, cfg, t0 = frame.turn, self.s.config, now()
-        turn = self._Turn(frame.text, history=self.s.conversation.history(before=record), knowledge=cfg.knowledge)
-        kw: dict = {"client": self.s.id, "priority": self._priority}  # the engine's queue serves clients fairly
+        record, cfg, t0 = frame.turn, self.config, now()
+        turn = self._Turn(frame.text, history=self.conversation.history(before=record), knowledge=cfg.knowledge)
+        kw: dict = {"client": self.client, "priority": self._priority}
         settled: asyncio.Queue[str] = asyncio.Queue()  # the settled reply as it grows, at most one per step
-        speak_early = cfg.speak_early and self.s.services.synthesizer is not None
+        speak_early = self.speak_early
         queued = ""  # the longest settled reply put in `settled` so far
 
         def on_canvas(c) -> None:  # called on the loop by the engine, once per step
@@ -421,8 +442,9 @@ class TurnStage(Stage):
             if record.interrupted_at is not None:
                 return
             if cfg.canvas:
-                self.s.emit_turn_nowait(record, P.turn_canvas(record.turn_id, step=c.step, steps=c.steps,
-                                                              cleaned=c.cleaned, reply=c.reply, masked=c.masked))
+                self.notify_nowait(SayForTurnNow(record, P.turn_canvas(record.turn_id, step=c.step, steps=c.steps,
+                                                                       cleaned=c.cleaned, reply=c.reply,
+                                                                       masked=c.masked)))
             if speak_early and len(c.settled) > len(queued) and c.step < c.steps:
                 queued = c.settled
                 settled.put_nowait(c.settled)
@@ -431,7 +453,7 @@ class TurnStage(Stage):
         if cfg.deadline_ms:
             kw["deadline"] = time.monotonic() + cfg.deadline_ms / 1000
         # Cancelling the job (an interrupt cancels this task) withdraws the request from the engine's batch.
-        job = asyncio.ensure_future(_within(self.s.services.engine.respond(turn, steps=self.s.steps, **kw),
+        job = asyncio.ensure_future(_within(self.engine.respond(turn, steps=self.steps, **kw),
                                             cfg.turn_timeout_s, E.TurnTimedOut, "the dLLM turn"))
         next_settled: asyncio.Future | None = None
         try:
@@ -449,28 +471,28 @@ class TurnStage(Stage):
         record.timings["llm_ms"] = _ms(t0)
         record.timings["llm_model_ms"] = float(result.ms)
         record.cleaned, record.reply = result.cleaned, result.reply
-        await self.s.emit_turn(record, P.turn_cleaned(record.turn_id, result.cleaned))
-        await self.s.emit_turn(record, P.turn_reply(record.turn_id, result.reply))
+        await self.notify(SayForTurn(record, P.turn_cleaned(record.turn_id, result.cleaned)))
+        await self.notify(SayForTurn(record, P.turn_reply(record.turn_id, result.reply)))
         record.timings["reply_ms"] = _ms(record.started)  # end of speech (or typing) to the reply text
         await self.push(ReplyReady(record, result.reply))
 
 
-class TTSStage(Stage):
+class TTSStage(_SessionStage):
     """piper, one sentence at a time, so the first plays while the next is made."""
 
     name = "tts"
 
-    def __init__(self, session: VoiceSession) -> None:
-        super().__init__(session.config.inbox_size, session._report)
-        self.s = session
+    def __init__(self, config: SessionConfig, synthesizer, output_rate: int, notify: Notify) -> None:
+        super().__init__(config.inbox_size, notify)
+        self.config, self.synthesizer, self.output_rate = config, synthesizer, output_rate
 
     def _speak(self, sentence: str) -> np.ndarray:  # in a worker thread
         from tts import resample
 
-        synth = self.s.services.synthesizer
+        synth = self.synthesizer
         pcm = synth.synthesize_all(sentence)
-        if len(pcm) and synth.sample_rate != self.s.output_rate:
-            pcm = resample(pcm, synth.sample_rate, self.s.output_rate)
+        if len(pcm) and synth.sample_rate != self.output_rate:
+            pcm = resample(pcm, synth.sample_rate, self.output_rate)
         return pcm
 
     async def process(self, frame: Frame) -> None:
@@ -489,7 +511,7 @@ class TTSStage(Stage):
         """Speak what of `text` has not been spoken yet (`record.said` is a prefix of it)."""
         from tts import split_sentences
 
-        if self.s.services.synthesizer is None or record.interrupted_at is not None:
+        if self.synthesizer is None or record.interrupted_at is not None:
             return
         from dllm.canvas import unsaid
 
@@ -498,7 +520,7 @@ class TTSStage(Stage):
             t0 = now()
             if record.speech_started is None:
                 record.speech_started = t0
-            pcm = await _within(asyncio.to_thread(self._speak, sentence), self.s.config.tts_timeout_s,
+            pcm = await _within(asyncio.to_thread(self._speak, sentence), self.config.tts_timeout_s,
                                 E.SynthesisFailed, "speech synthesis")
             record.timings.setdefault("tts_first_ms", _ms(t0))
             if len(pcm):
@@ -506,17 +528,17 @@ class TTSStage(Stage):
                 record.said_sentences += 1
 
 
-class OutputStage(Stage):
+class OutputStage(_SessionStage):
     """Reply audio and the turn's closing events, into the outbox."""
 
     name = "output"
 
-    def __init__(self, session: VoiceSession) -> None:
-        super().__init__(session.config.inbox_size, session._report)
-        self.s = session
+    def __init__(self, config: SessionConfig, output_rate: int, notify: Notify) -> None:
+        super().__init__(config.inbox_size, notify)
+        self.config, self.output_rate = config, output_rate
 
     async def process(self, frame: Frame) -> None:
-        s = self.s
+        rate = self.output_rate
         if isinstance(frame, (SpeechChunk, ReplyEnd)):
             await frame.turn.confirmed.wait()  # a tentative turn's audio waits for the endpoint
         if isinstance(frame, SpeechChunk):
@@ -525,26 +547,25 @@ class OutputStage(Stage):
                 return  # cut short, or failed (its error and turn.done are out): no audio after them
             t = now()
             if record.first_audio is None:
-                await s.emit(P.audio_start(record.turn_id, s.output_rate))
+                await self.notify(Say(P.audio_start(record.turn_id, rate)))
                 record.timings["first_audio_ms"] = _ms(record.started, t)
             # Recorded before its chunks go out: once the first chunk is sent, the sentence may be heard.
-            record.add_sentence(frame.sentence, len(frame.pcm) / s.output_rate, t)
-            for chunk in pcm_chunks(frame.pcm, max(1, s.output_rate * s.config.out_chunk_ms // 1000)):
-                await s.emit(chunk)
+            record.add_sentence(frame.sentence, len(frame.pcm) / rate, t)
+            for chunk in pcm_chunks(frame.pcm, max(1, rate * self.config.out_chunk_ms // 1000)):
+                await self.notify(Say(chunk))
         elif isinstance(frame, ReplyEnd):
             record = frame.turn
             if record.first_audio is not None:
-                await s.emit(P.audio_end(record.turn_id))
-            await s.finish_turn(record)
+                await self.notify(Say(P.audio_end(record.turn_id)))
+            await self.notify(TurnFinished(record))
 
     async def on_interrupt(self, frame: Interrupt) -> None:
         record = frame.turn
         if record is None or record.tentative:  # the client never heard of a tentative turn
             return
         if record.first_audio is not None:
-            await self.s.outbox.drop_audio()
-            await self.s.emit(P.audio_flush(record.turn_id))
-        await self.s.emit(P.turn_interrupted(record.turn_id, reason=frame.reason, heard=record.heard()))
+            await self.notify(AudioFlushed(record))
+        await self.notify(Say(P.turn_interrupted(record.turn_id, reason=frame.reason, heard=record.heard())))
 
 
 # ----- the session
@@ -570,10 +591,15 @@ class VoiceSession:
         self.output_rate = config.output_sample_rate or services.output_sample_rate
         self.conversation = Conversation(config.history_turns)
         self.outbox = Outbox(config.outbox_size)
-        self.input = InputStage(self)
+        notify, synth = self._on_event, services.synthesizer
+        self.input = InputStage(config, self.conversation, notify)
         self.stages: list[Stage] = [self.input]
-        for cls in (ASRStage, TurnStage, TTSStage, OutputStage):
-            self.stages.append(self.stages[-1].link(cls(self)))
+        for stage in (ASRStage(config, services.transcriber, notify),
+                      TurnStage(config, services.engine, self.conversation, notify, self._on_event_nowait,
+                                client=self.id, steps=self.steps, speak_early=config.speak_early and synth is not None),
+                      TTSStage(config, synth, self.output_rate, notify),
+                      OutputStage(config, self.output_rate, notify)):
+            self.stages.append(self.stages[-1].link(stage))
         self._tasks: list[asyncio.Task] = []
         self.failed: BaseException | None = None
         self.errors = 0
@@ -653,31 +679,6 @@ class VoiceSession:
     async def emit(self, item: str | bytes) -> None:
         await self.outbox.put(item)
 
-    async def emit_turn(self, record: TurnRecord, item: str | bytes) -> None:
-        """An event of a turn: sent now, or held until the endpoint if the turn is tentative."""
-        if record.tentative:
-            record.held.append(item)  # bounded: a turn has a handful of events (and K canvases)
-        else:
-            await self.outbox.put(item)
-
-    def emit_turn_nowait(self, record: TurnRecord, item: str | bytes) -> None:
-        """`emit_turn` from a callback on the loop; dropped if the outbox is full."""
-        if record.tentative:
-            record.held.append(item)
-        else:
-            self.outbox.put_nowait(item)
-
-    async def confirm(self, record: TurnRecord) -> None:
-        """The endpoint confirmed a tentative turn: send what it held, in order, and let its audio go."""
-        while record.held:
-            await self.outbox.put(record.held.pop(0))
-        record.tentative = False  # no await since the last check: nothing can slip in behind
-        record.confirmed.set()
-
-    async def hint_endpoint(self, hint: EndpointHint) -> None:
-        """Tell the input stage what a tentative turn's words say of the endpoint."""
-        await self.input.inbox.put(hint)
-
     async def next_event(self) -> str | bytes | None:
         """The next thing to send to the client; None once the session is closed."""
         return await self.outbox.get()
@@ -686,16 +687,47 @@ class VoiceSession:
         while (item := await self.outbox.get()) is not None:
             yield item
 
-    # ----- turn bookkeeping, shared by the stages
+    # ----- what the stages tell the session
 
-    async def finish_turn(self, record: TurnRecord) -> None:
-        """Close a turn with `turn.done` (unless it was interrupted)."""
-        if record.finished_at is not None or record.interrupted_at is not None:
-            return
-        record.timings["total_ms"] = _ms(record.started)
-        record.finish(now())
-        v2v = None if record.typed or record.first_audio is None else _ms(record.started, record.first_audio)
-        await self.emit_turn(record, P.turn_done(record.turn_id, timings=dict(record.timings), voice_to_voice_ms=v2v))
+    async def _on_event(self, event: SessionEvent) -> None:
+        """Every stage's `notify`: the one place where stages act on the session."""
+        match event:
+            case Say(item):
+                await self.outbox.put(item)
+            case SayForTurn(record, item):  # sent now, or held until the endpoint if the turn is tentative
+                if record.tentative:
+                    record.held.append(item)  # bounded: a turn has a handful of events (and K canvases)
+                else:
+                    await self.outbox.put(item)
+            case TurnConfirmed(record):  # send what it held, in order, and let its audio go
+                while record.held:
+                    await self.outbox.put(record.held.pop(0))
+                record.tentative = False  # no await since the last check: nothing can slip in behind
+                record.confirmed.set()
+            case TurnFinished(record):  # close it with turn.done, unless it was interrupted
+                if record.finished_at is not None or record.interrupted_at is not None:
+                    return
+                record.timings["total_ms"] = _ms(record.started)
+                record.finish(now())
+                v2v = None if record.typed or record.first_audio is None else _ms(record.started, record.first_audio)
+                done = P.turn_done(record.turn_id, timings=dict(record.timings), voice_to_voice_ms=v2v)
+                await self._on_event(SayForTurn(record, done))
+            case EndpointHint():  # what a tentative turn's words say of the endpoint, for the input stage
+                await self.input.inbox.put(event)
+            case AudioFlushed(record):
+                await self.outbox.drop_audio()
+                await self.outbox.put(P.audio_flush(record.turn_id))
+            case StageFailed(exc, frame):
+                await self._report(exc, frame)
+            case _:
+                raise TypeError(f"not a session event: {event!r}")
+
+    def _on_event_nowait(self, event: SayForTurnNow) -> None:
+        """The canvas callback's `notify`: on the loop, never waiting; dropped if the outbox is full."""
+        if event.turn.tentative:
+            event.turn.held.append(event.item)
+        else:
+            self.outbox.put_nowait(event.item)
 
     async def _report(self, exc: BaseException, frame: Frame) -> None:
         """A stage's error, as an error event; a turn it broke is closed."""
@@ -706,8 +738,8 @@ class VoiceSession:
         log.warning("session %s: %s on %s: %s", self.id, code, type(frame).__name__, exc,
                     exc_info=exc if isinstance(err, E.InternalError) else None)
         event = P.error(code, message, turn_id=record.turn_id if record else None)
-        await (self.emit(event) if record is None else self.emit_turn(record, event))
+        await self._on_event(Say(event) if record is None else SayForTurn(record, event))
         if record is not None:
             if record.first_audio is not None and record.finished_at is None:
                 await self.emit(P.audio_end(record.turn_id))
-            await self.finish_turn(record)
+            await self._on_event(TurnFinished(record))

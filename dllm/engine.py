@@ -39,7 +39,7 @@ from .turn import (Encoded, Turn, TurnLayout, TurnResult, clean_vocabulary, deco
 
 log = logging.getLogger(__name__)
 
-CACHE_MODES = ("auto", "exact", "approx", "none")
+CACHE_MODES = ("auto", "exact", "window", "approx", "none")
 PRIORITY_BULK = 0  # the default: batch work, such as transcript cleanup
 PRIORITY_INTERACTIVE = 1  # someone is waiting to hear the answer
 
@@ -95,8 +95,8 @@ class Engine:
         cache = options.cache
         if cache == "auto":
             cache = "exact" if self.cfg.attention == "prefix" else "approx"
-        if cache == "exact" and self.cfg.attention != "prefix":
-            raise RequestError(f"an exact prefix cache needs attention='prefix'; this model is {self.cfg.attention!r} "
+        if cache in ("exact", "window") and self.cfg.attention != "prefix":
+            raise RequestError(f"the {cache} cache needs attention='prefix'; this model is {self.cfg.attention!r} "
                                "(use cache='approx' or 'none')")
         self.cache_mode = cache
         self.forward_calls = 0  # model calls made by the sampler, for tests and benchmarks
@@ -185,12 +185,45 @@ class Engine:
             h, _ = model.hidden(canvas, c_pos, prefix_len=P, key_valid=key_valid, cache=state["kv"])
             return rows(h, state["last"])
 
-        def exact(canvas: Tensor, step: int, cols: Tensor) -> Tensor:
-            self.forward_calls += 1
+        def cache_prompt() -> None:
             if "kv" not in state:
                 h, kv = model.hidden(prompt, p_pos, prefix_len=P, key_valid=valid, save_cache=True)
                 state["kv"], state["last"] = kv, h[:, -1:]
+
+        def exact(canvas: Tensor, step: int, cols: Tensor) -> Tensor:
+            self.forward_calls += 1
+            cache_prompt()
             return model.lm_head(with_cache(canvas)[:, cols])
+
+        def window(canvas: Tensor, step: int, cols: Tensor) -> Tensor:
+            """The exact prompt cache, and the canvas outside the block being decoded cached at the block's
+            first step: the block's later steps run only its own span of the canvas and attend to the rest
+            as it was then (Fast-dLLM's dual cache). In the lead that rest is the reply's tail, still all
+            masks; in the tail it is the lead, committed already."""
+            self.forward_calls += 1
+            cache_prompt()
+            lo, hi = int(cols[0]), int(cols[-1]) + 1
+            if step in block_starts or "span" not in state or lo < state["span"][0] or hi > state["span"][1]:
+                h, kv = model.hidden(canvas, c_pos, prefix_len=P, key_valid=key_valid, cache=state["kv"],
+                                     save_cache=True)
+                first = max(lo - 1, 0) if shift else lo  # with shifted logits, position lo is read from row lo - 1
+                rest = torch.cat([torch.arange(first), torch.arange(hi, canvas.shape[1])]).to(canvas.device)
+                state["span"], state["first"] = (lo, hi), first
+                def keep(prompt_part: list[Tensor], canvas_part: list[Tensor]) -> list[Tensor]:
+                    return [torch.cat([p, c[:, :, rest]], dim=2) for p, c in zip(prompt_part, canvas_part)]
+                state["rest"] = KVCache(keep(state["kv"].keys, kv.keys), keep(state["kv"].values, kv.values))
+                state["rest_valid"] = torch.cat([valid, key_valid.new_ones(len(canvas), len(rest) + hi - first)], dim=1)
+                return model.lm_head(rows(h, state["last"])[:, cols])
+            first, end = state["first"], state["span"][1]
+            h, _ = model.hidden(canvas[:, first:end], c_pos[:, first:end], prefix_len=state["rest"].length,
+                                key_valid=state["rest_valid"], cache=state["rest"])
+            # Row i of h is canvas position first + i. With shifted logits position j is read from row j - 1,
+            # and position 0 from the prompt's last row.
+            if not shift:
+                return model.lm_head(h[:, cols - first])
+            if first == 0:
+                return model.lm_head(torch.cat([state["last"], h], dim=1)[:, cols])
+            return model.lm_head(h[:, cols - first - 1])
 
         def approx(canvas: Tensor, step: int, cols: Tensor) -> Tensor:
             self.forward_calls += 1
@@ -207,7 +240,7 @@ class Engine:
             self.forward_calls += 1
             return model.lm_head(full(canvas, save=False)[0][:, cols])
 
-        return {"exact": exact, "approx": approx, "none": none}[cache]
+        return {"exact": exact, "window": window, "approx": approx, "none": none}[cache]
 
     def _finish(self, enc: Encoded, ids: list[int], sampler: SamplerOptions, ms: float) -> TurnResult:
         cleaned = decode_field(ids, enc.field, 0, self.tok, self.cfg.mask_id)

@@ -53,6 +53,9 @@ class SamplerOptions:
     fill_after_end: bool = True  # once a field commits its end token, pad the rest of it
     # Guards against the failure modes of few-step decoding (each measured on and off in dllm.eval):
     copy_clean: bool = True  # the cleaned field only uses tokens of the raw transcript's words (+ case, punctuation, digits)
+    # None: other tokens are forbidden there; a number: their logits are lowered by this much instead, so a
+    # near-miss word the model is sure of ("there" heard for "their") can still be fixed.
+    copy_clean_penalty: float | None = None
     no_repeat: bool = True  # never the same token twice side by side (digits and end tokens excepted)
     end_confidence: float = 0.9  # an end token below this confidence is committed last, not first (0: off)
     # Two side-by-side positions decided in one step are guessed independently ("Hello'm, thanks would"):
@@ -73,6 +76,8 @@ class SamplerOptions:
             raise RequestError(f"temperature must be >= 0, got {self.temperature}")
         if self.lead_tokens < 0:
             raise RequestError(f"lead_tokens must be >= 0, got {self.lead_tokens}")
+        if self.copy_clean_penalty is not None and not self.copy_clean_penalty >= 0:
+            raise RequestError(f"copy_clean_penalty must be >= 0 or None, got {self.copy_clean_penalty}")
         if self.lead_steps is not None and not 1 <= self.lead_steps < self.steps:
             raise RequestError(f"lead_steps must lie in [1, steps), got {self.lead_steps} with steps={self.steps}")
 
@@ -153,7 +158,11 @@ def _guard_logits(logits: Tensor, canvas: Tensor, field: Tensor, cols: Tensor, m
     `logits` (B, C, V) are those of the canvas positions `cols` (C,)."""
     logits = logits.clone()  # (B, C, V)
     if opts.copy_clean and clean_vocab is not None:
-        logits.masked_fill_(~clean_vocab[:, None, :] & (field[cols] == 0)[None, :, None], float("-inf"))
+        outside = ~clean_vocab[:, None, :] & (field[cols] == 0)[None, :, None]  # (B, C, V)
+        if opts.copy_clean_penalty is None:
+            logits.masked_fill_(outside, float("-inf"))
+        else:
+            logits.sub_(outside * opts.copy_clean_penalty)
     if opts.no_repeat:
         masked = (canvas == mask_id)[:, cols]
         for neighbour in (F.pad(canvas[:, :-1], (1, 0), value=mask_id), F.pad(canvas[:, 1:], (0, 1), value=mask_id)):

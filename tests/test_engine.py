@@ -59,6 +59,34 @@ def test_approximate_cache_for_bidirectional_model():
     assert eng.generate([enc], one, cache="approx") == eng.generate([enc], one, cache="none")
 
 
+@pytest.mark.parametrize("shift", [True, False])
+@pytest.mark.parametrize("span", [(0, 9), (5, 17), (12, 30)])
+def test_window_cache_reads_the_right_rows(shift, span):
+    """The window cache runs only the block's span of the canvas. On a canvas unchanged since the block
+    began, its logits equal the exact cache's: the span's rows, their shift and the cached rest line up."""
+    eng = make_tiny_engine(shift=shift)
+    enc = eng.encode(Turn(QUESTIONS[1]))
+    P, N = len(enc.prompt), len(enc.canvas)
+    prompt, canvas = torch.tensor([enc.prompt]), torch.tensor([enc.canvas])
+    valid = torch.ones(1, P, dtype=torch.bool)
+    p_pos, c_pos = torch.arange(P)[None], P + torch.arange(N)[None]
+    key_valid = torch.ones(1, P + N, dtype=torch.bool)
+    predict = {mode: eng._predictor(prompt, valid, p_pos, c_pos, key_valid, mode, {0}) for mode in ("exact", "window")}
+    cols = torch.arange(*span)
+    canvas[0, cols[::3]] = 65  # some of the span committed already
+    for step, c in [(0, cols), (1, cols[1:-2]), (2, cols[::2])]:
+        torch.testing.assert_close(predict["window"](canvas, step, c), predict["exact"](canvas, step, c))
+
+
+def test_window_cache_fills_every_position():
+    """K calls and no mask left, the lead and the tail each running their own span."""
+    eng = make_tiny_engine()
+    for q in QUESTIONS:
+        before = eng.forward_calls
+        out = eng.generate([eng.encode(Turn(q))], SamplerOptions(steps=8), cache="window")
+        assert eng.forward_calls - before <= 8 and eng.cfg.mask_id not in out[0]
+
+
 def test_batched_equals_alone(tiny_engine):
     """Prompts of different lengths, padded into one batch, decode as they do alone."""
     encs = [tiny_engine.encode(Turn(q)) for q in SHORT]
@@ -155,6 +183,23 @@ def test_copy_clean_keeps_the_cleaned_field_to_its_vocabulary():
     free = denoise(predict, canvas, mask, field, end, SamplerOptions(steps=3, no_repeat=False, copy_clean=False),
                    clean_vocab=vocab)
     assert free[0, 1:7].tolist() == [5] * 6
+
+
+def test_copy_clean_penalty_lowers_outside_tokens_instead_of_forbidding_them():
+    """A penalty smaller than the model's margin lets a sure outside token through; a larger one does not."""
+    from dllm.sampler import denoise
+    mask, end = 11, 7
+    canvas = torch.tensor([[1] + [mask] * 4 + [2]])
+    field = torch.tensor([-1] + [0] * 4 + [-1])
+    vocab = torch.zeros(1, 12, dtype=torch.bool)
+    vocab[0, [3, end]] = True
+    predict = _flat_predict({5: 9.0, 3: 6.0})  # the model prefers 5 (outside) by 3
+    for penalty, want in [(2.0, 5), (4.0, 3)]:
+        opts = SamplerOptions(steps=2, no_repeat=False, copy_clean_penalty=penalty)
+        out = denoise(predict, canvas, mask, field, end, opts, clean_vocab=vocab)
+        assert out[0, 1:5].tolist() == [want] * 4, (penalty, out)
+    with pytest.raises(RequestError):
+        SamplerOptions(copy_clean_penalty=-1.0)
 
 
 @pytest.mark.parametrize("steps", [1, 2, 6])

@@ -13,11 +13,13 @@ conversational, that are empty, repetitive or cut off.
     python -m dllm.eval --steps 4,8,16                    # one table row per set and K
     python -m dllm.eval --guards each                     # each decoding guard switched off in turn
     python -m dllm.eval --lead 0,12                       # the reply's first tokens first (early speech), off and on
+    python -m dllm.eval --cache exact,window               # the canvas outside the block recomputed, or cached
     python -m dllm.eval --adapter runs/voice-v2/adapter --sets held-out --json
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -184,6 +186,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lead-steps", default=None,
                    help="steps given to the lead (SamplerOptions.lead_steps; default: three quarters of K); a comma list gives "
                         "a row for each")
+    p.add_argument("--cache", default=None,
+                   help="the engine's cache mode (exact, window, ...); a comma list gives a row for each "
+                        "(default: the engine's)")
+    p.add_argument("--copy-penalty", default=None,
+                   help="SamplerOptions.copy_clean_penalty: 'ban' (the default) or how much lower the logits of words "
+                        "not in the raw transcript are; a comma list gives a row for each")
     p.add_argument("--sets", default="held-out,dev", help="comma list of held-out, dev")
     p.add_argument("--heldout", default="data/heldout.jsonl")
     p.add_argument("--limit", type=int, default=0, help="at most this many rows per set part (0: all)")
@@ -209,18 +217,28 @@ def main(argv: list[str] | None = None) -> None:
         print(HEADER, flush=True)
     leads = [None] if args.lead is None else [int(x) for x in args.lead.split(",")]
     lead_steps = [None] if args.lead_steps is None else [int(x) for x in args.lead_steps.split(",")]
-    for k, lead, first in [(k, lead, first) for k in [int(x) for x in args.steps.split(",")]
-                           for lead in leads for first in lead_steps]:
+    caches = [None] if args.cache is None else args.cache.split(",")
+    default_cache = engine.cache_mode
+    penalties = [None] if args.copy_penalty is None else args.copy_penalty.split(",")
+    steps = [int(x) for x in args.steps.split(",")]
+    for k, lead, first, cache, penalty in itertools.product(steps, leads, lead_steps, caches, penalties):
+        engine.cache_mode = cache or default_cache
         base = replace(engine.options.sampler, steps=k)
         if lead is not None:
             base = replace(base, lead_tokens=lead)
         if first is not None:
             base = replace(base, lead_steps=first)
+        if penalty is not None:
+            base = replace(base, copy_clean_penalty=None if penalty == "ban" else float(penalty))
         for label, sampler in guard_variants(args.guards, base):
             if lead is not None:
                 label = f"{label}, lead {lead}"
             if first is not None:
                 label = f"{label}, lead in {first} steps"
+            if cache is not None:
+                label = f"{label}, {cache} cache"
+            if penalty is not None:
+                label = f"{label}, copy {penalty}"
             results = evaluate(engine, sets, sampler)
             rows.append({"steps": k, "guards": label, "lead_tokens": sampler.lead_tokens, "results": results})
             if not args.json:

@@ -121,6 +121,11 @@ class Synthesizer:
         so = onnxruntime.SessionOptions()
         so.intra_op_num_threads = options.threads
         so.inter_op_num_threads = 1
+        # Every sentence has its own length: onnxruntime's arena and its memory plans per input shape then
+        # only grow (a server went 138 -> 442 MiB over 300 sentences; without them it stays near 190 MiB,
+        # at the same speed).
+        so.enable_cpu_mem_arena = False
+        so.enable_mem_pattern = False
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if options.use_cuda else ["CPUExecutionProvider"]
         try:
             session = onnxruntime.InferenceSession(str(model), sess_options=so, providers=providers)

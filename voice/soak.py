@@ -48,6 +48,7 @@ class SoakResult:
     rss_warm_mb: float | None = None
     rss_end_mb: float | None = None
     warm: int = 0  # sessions past their first turn
+    rss_each_minute_mb: list[float] = field(default_factory=list)  # the curve: a leak climbs, a cache flattens
 
 
 def rss_mb() -> float | None:
@@ -151,13 +152,23 @@ async def _flood(url: str, until: float, inflight: int, result: SoakResult) -> N
             sent += 1
 
 
+async def _sample_rss(result: SoakResult, every_s: float = 60.0) -> None:
+    while rss_mb() is not None:
+        await asyncio.sleep(every_s)
+        result.rss_each_minute_mb.append(rss_mb())
+
+
 async def run_soak(url: str, utterances: list[tuple[str, np.ndarray]], *, sessions: int, minutes: float,
                    flood: int = 0, flood_inflight: int = 16, timeout: float = 120.0) -> SoakResult:
     result = SoakResult()
     until = time.monotonic() + minutes * 60
     jobs = [_session(url, utterances, until, result, i, sessions, timeout) for i in range(sessions)]
     jobs += [_flood(url, until, flood_inflight, result) for _ in range(flood)]
-    await asyncio.gather(*jobs)
+    sampler = asyncio.create_task(_sample_rss(result))
+    try:
+        await asyncio.gather(*jobs)
+    finally:
+        sampler.cancel()
     result.rss_end_mb = rss_mb()
     return result
 
@@ -174,6 +185,8 @@ def report(result: SoakResult, in_process: bool) -> str:
         growth = (result.rss_end_mb / result.rss_warm_mb - 1) * 100
         lines.append(f"RSS after warm-up {result.rss_warm_mb:.0f} MiB, at the end {result.rss_end_mb:.0f} MiB "
                      f"({growth:+.1f}%)")
+        if result.rss_each_minute_mb:
+            lines.append("RSS each minute (MiB): " + " ".join(f"{mb:.0f}" for mb in result.rss_each_minute_mb))
     lines += [f"lost: {reason}" for reason in result.lost[:20]]
     return "\n".join(lines)
 

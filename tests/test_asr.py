@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -80,6 +81,48 @@ def test_transcribe_from_threads(speech, transcriber) -> None:
     for t in threads:
         t.join()
     assert "library" in words(results[QUESTION]) and "museum" in words(results[SECOND])
+
+
+def test_short_window_hears_what_the_30_s_window_hears(speech, transcriber) -> None:
+    """The default encodes a short utterance in a 12 s window: the same words as Whisper's 30 s one."""
+    full = Transcriber(transcriber._model, replace(transcriber.options, window_s=None))
+    for sentence in (QUESTION, SECOND):
+        assert words(transcriber.transcribe(speech[sentence])) == words(full.transcribe(speech[sentence])) \
+            == words(sentence)
+
+
+def test_window_size_follows_the_utterance(transcriber) -> None:
+    """At least window_s, in whole seconds with 1 s to spare; 30 s and beyond (or window_s=None) use Whisper's own."""
+    assert transcriber._window_frames(3 * RATE) == 1200
+    assert transcriber._window_frames(int(11.5 * RATE)) == 1300
+    assert transcriber._window_frames(29 * RATE) is None
+    assert Transcriber(transcriber._model, TranscriberOptions(window_s=None))._window_frames(RATE) is None
+    # faster-whisper's VAD runs only in its own path, so asking for it means the 30 s window
+    assert Transcriber(transcriber._model, TranscriberOptions(vad_filter=True))._window_frames(RATE) is None
+    with pytest.raises(ValueError, match="window_s"):
+        TranscriberOptions(window_s=0.5)
+
+
+def test_silence_and_noise_transcribe_to_nothing(transcriber) -> None:
+    """No made-up words ("you", "Thank you.") for digital silence or low noise, in either window."""
+    rng = np.random.default_rng(0)
+    full = Transcriber(transcriber._model, replace(transcriber.options, window_s=None))
+    for audio in (silence(2000), (rng.standard_normal(2 * RATE) * 200).astype(np.int16)):
+        assert transcriber.transcribe(audio) == "" and full.transcribe(audio) == ""
+
+
+def test_a_long_utterance_uses_the_30_s_window(transcriber) -> None:
+    """An utterance too long for a shorter window is still transcribed whole."""
+    synth = Synthesizer.load(SynthesizerOptions(threads=2, noise_scale=0.0, noise_w_scale=0.0))
+    sentences = [QUESTION, SECOND, "Can you turn off the lights in the kitchen please?",
+                 "I need a ticket to Baltimore for tomorrow morning.", "Please call David at three o'clock.",
+                 "Where can I find the restrooms?", "Is there parking at the hotel?",
+                 "Do you know when the next ferry leaves?", "Which floor is the children's section on?"]
+    audio = np.concatenate([np.concatenate([resample(synth.synthesize_all(s), synth.sample_rate, RATE), silence(1200)])
+                            for s in sentences])
+    assert len(audio) > 29 * RATE and transcriber._window_frames(len(audio)) is None
+    heard = words(transcriber.transcribe(audio))
+    assert {"library", "museum", "kitchen", "baltimore", "david", "restrooms", "parking", "ferry", "section"} <= heard
 
 
 @pytest.mark.parametrize(

@@ -7,14 +7,16 @@ the sentence, and runs every policy over the same audio, frame by frame on the
 VAD's stream clock, with the real Whisper at each pause:
 
 - `fixed H`: the utterance ends after H ms of silence (the hang-over alone);
-- `words`: at a 200 ms pause Whisper reads the audio so far; if the text
+- `words`: at a short pause Whisper reads the audio so far; if the text
   reads as finished (`asr.looks_finished`) the utterance ends when Whisper
-  answers, else after `unfinished` ms of silence (what `voice serve` does
-  by default). The hang-over H applies only to speech with no pause report.
+  answers (or once the silence has lasted a given least time, if later),
+  else after `unfinished` ms of silence (what `voice serve` does). The
+  hang-over H applies only to speech with no pause report.
 
 It prints, per policy, the share of broken sentences cut off at their inner
 pause (a turn that ends before the speaker has finished), and the median and
-p95 wait from the end of a whole sentence to its endpoint. Whisper's time per
+p95 wait from the end of a whole sentence to its endpoint, and how many
+tentative turns began at a pause the speaker then went on from. Whisper's time per
 call is measured here and counted on the stream clock.
 
     python scripts/endpoint_sweep.py [--threads 2]
@@ -77,14 +79,17 @@ class Words:
         return self.seen[key]
 
 
-def endpoints(audio: np.ndarray, policy: tuple, words: Words) -> list[int]:
-    """Stream times (ms) at which the policy ends an utterance in `audio`."""
-    kind, hangover, unfinished = policy
+def endpoints(audio: np.ndarray, policy: tuple, words: Words) -> tuple[list[int], int]:
+    """Stream times (ms) at which the policy ends an utterance in `audio`, and how many tentative turns it
+    began and dropped (the speaker went on after the pause: Whisper, and maybe dLLM steps, spent for nothing)."""
+    kind, hangover, unfinished, pause, finished = policy
     vad = VAD(VADOptions(hangover_ms=hangover, post_roll_ms=min(300, hangover),
-                         pause_ms=200 if kind == "words" else 0))
+                         pause_ms=pause if kind == "words" else 0))
     step = RATE * FRAME_MS // 1000
     ends: list[int] = []
+    dropped = 0
     hint: tuple[int, bool] | None = None  # (stream ms at which Whisper answers, finished?)
+    end_at: int | None = None  # the silence (ms) at which a pause that reads as finished ends
     for i in range(0, len(audio) - step + 1, step):
         now_ms = (i + step) * 1000 // RATE
         for ev in vad.feed(audio[i:i + step]):
@@ -93,18 +98,22 @@ def endpoints(audio: np.ndarray, policy: tuple, words: Words) -> list[int]:
                 hint = (now_ms + int(ms), looks_finished(text))
                 vad.set_pause_hangover(unfinished)  # the words decide; the longer hang-over is the fallback
             elif isinstance(ev, SpeechResumed):
-                hint = None
+                hint = end_at = None
+                dropped += 1
             elif isinstance(ev, SpeechStopped):
                 ends.append(now_ms)
-                hint = None
+                hint = end_at = None
         if hint is not None and now_ms >= hint[0]:
             if hint[1]:
-                if vad.end_now() is not None:
-                    ends.append(now_ms)
+                end_at = finished
             elif unfinished:
                 vad.set_pause_hangover(unfinished)
             hint = None
-    return ends
+        if end_at is not None and vad.silence_ms >= end_at:
+            if vad.end_now() is not None:
+                ends.append(now_ms)
+            end_at = None
+    return ends, dropped
 
 
 def main() -> None:
@@ -135,24 +144,31 @@ def main() -> None:
             x = np.concatenate([quiet(500), first, quiet(gap), second, quiet(4000)])
             broken.append((x, 500 + len(first) * 1000 // RATE, 500 + (len(first) + len(second)) * 1000 // RATE + gap))
 
-    policies = [("fixed", 600, 0), ("fixed", 1000, 0), ("fixed", 1500, 0), ("words", 600, 1500),
-                ("words", 600, 1200)]
+    # (kind, hang-over, unfinished hang-over, pause that starts the tentative turn, least silence that ends a
+    # finished-sounding one; 0: as soon as Whisper has read it)
+    policies = [("fixed", 600, 0, 0, 0), ("fixed", 1000, 0, 0, 0), ("fixed", 1500, 0, 0, 0),
+                ("words", 600, 1500, 200, 0)] + [("words", 600, 1500, 120, least) for least in (0, 400, 500, 600, 800)]
     print(f"{len(whole)} whole questions, {len(broken)} with a pause inside ({GAPS_MS} ms)\n")
-    print("| policy | cut off at the inner pause | wait after a whole question, median (p95) ms |")
-    print("|---|---:|---:|")
+    print("| policy | cut off at the inner pause | wait after a whole question, median (p95) ms | "
+          "tentative turns dropped |")
+    print("|---|---:|---:|---:|")
     for policy in policies:
-        kind, hangover, unfinished = policy
-        name = f"fixed {hangover} ms" if kind == "fixed" else \
-            f"words at a 200 ms pause; unfinished {unfinished} ms, else {hangover} ms"
-        waits = []
+        kind, hangover, unfinished, pause, finished = policy
+        name = f"fixed {hangover} ms" if kind == "fixed" else (
+            f"words at a {pause} ms pause, finished at " + (f"{finished} ms of silence" if finished else "once read")
+            + f"; unfinished {unfinished} ms")
+        waits, dropped = [], 0
         for audio, speech_end in whole:
-            ends = endpoints(audio, policy, words)
+            ends, n = endpoints(audio, policy, words)
             waits.append(ends[0] - speech_end if ends else float("nan"))
+            dropped += n
         cut = 0
         for audio, pause_at, speech_end in broken:
-            ends = endpoints(audio, policy, words)
+            ends, n = endpoints(audio, policy, words)
             cut += bool(ends and ends[0] < speech_end - 100)  # ended before the second half was said
-        print(f"| {name} | {cut}/{len(broken)} | {statistics.median(waits):.0f} ({percentile(waits, 95):.0f}) |")
+            dropped += n
+        print(f"| {name} | {cut}/{len(broken)} | {statistics.median(waits):.0f} ({percentile(waits, 95):.0f}) | "
+              f"{dropped} |", flush=True)
     print(f"\nWhisper per call at a pause: median {statistics.median(words.times):.0f} ms "
           f"over {len(words.times)} calls")
 

@@ -206,6 +206,41 @@ async def test_a_finished_question_ends_before_the_hangover() -> None:
     assert len(engine.calls) == 1  # the tentative turn was the turn: no second pass
 
 
+async def test_a_finished_question_waits_for_the_least_silence() -> None:
+    """Words read as finished before finished_hangover_ms of silence end the utterance at that silence:
+    not sooner (Whisper reads a 3 s question in well under 900 ms), and not at the 3 s hang-over."""
+    question = speech("What time does the library open on Saturday?", tail_s=0.0)
+    waited = {}
+    for least in (0, 900):
+        s = await session(ScriptedEngine(reply="At nine."), finished_hangover_ms=least,
+                          vad=VADOptions(pause_ms=200, hangover_ms=3000, post_roll_ms=300))
+        events: list[dict] = []
+        try:
+            waited[least] = await play(s, question, events, until="vad.speech_stopped") - len(question) * 1000 // RATE
+        finally:
+            await s.close()
+    assert waited[0] < 850 <= waited[900] < 1500, waited
+
+
+async def test_a_pause_read_as_finished_is_spared_by_the_least_silence() -> None:
+    """"Is the museum open" | 450 ms | "on Mondays?": Whisper reads the first half as a whole question, so
+    ending as soon as it is read cuts the speaker off; 600 ms of least silence keeps the turn whole."""
+    first = speech("Is the museum open", lead_s=0.3, tail_s=0.0)
+    audio = np.concatenate([first, silence(450), speech("on Mondays?", lead_s=0.0, tail_s=0.0)])
+    finals = {}
+    for least in (0, 600):
+        s = await session(ScriptedEngine(reply="Yes."), finished_hangover_ms=least)
+        events: list[dict] = []
+        try:
+            await play(s, audio, events, until="turn.done")
+            await drain(s, events, wait=1.0)
+        finally:
+            await s.close()
+        finals[least] = [e["text"] for e in events if e["type"] == "transcript.final"]
+    assert "mondays" not in words(finals[0][0]), finals  # cut off at the pause
+    assert len(finals[600]) == 1 and {"museum", "open", "mondays"} <= set(words(finals[600][0])), finals
+
+
 async def test_an_unfinished_sentence_waits_longer() -> None:
     """Words that trail off ("... get to the") hold the endpoint for unfinished_hangover_ms, not the hang-over."""
     engine = ScriptedEngine(reply="Where to?")

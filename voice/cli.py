@@ -64,6 +64,9 @@ def _add_session_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--unfinished-hangover-ms", type=int, default=SessionConfig.unfinished_hangover_ms,
                    help="silence that ends an utterance whose words sound unfinished "
                    f"(default: {SessionConfig.unfinished_hangover_ms})")
+    g.add_argument("--finished-hangover-ms", type=int, default=SessionConfig.finished_hangover_ms,
+                   help="least silence that ends an utterance whose words sound finished "
+                   f"(default: {SessionConfig.finished_hangover_ms}; 0: as soon as they are read)")
 
 
 def _session_config(args: argparse.Namespace):
@@ -74,12 +77,14 @@ def _session_config(args: argparse.Namespace):
         vad = VADOptions(hangover_ms=args.hangover_ms, post_roll_ms=min(300, args.hangover_ms),
                          min_speech_ms=args.min_speech_ms, max_utterance_ms=args.max_utterance_ms,
                          pause_ms=args.pause_ms)
-        if args.unfinished_hangover_ms < 0:
-            raise ValueError(f"--unfinished-hangover-ms must not be negative, got {args.unfinished_hangover_ms}")
+        for flag in ("unfinished_hangover_ms", "finished_hangover_ms"):
+            if getattr(args, flag) < 0:
+                raise ValueError(f"--{flag.replace('_', '-')} must not be negative, got {getattr(args, flag)}")
     except ValueError as e:
         raise VoiceError(f"bad endpointing option: {e}") from e
     return SessionConfig(vad=vad, partial_every_ms=0 if args.no_partials else SessionConfig.partial_every_ms,
-                         unfinished_hangover_ms=args.unfinished_hangover_ms)
+                         unfinished_hangover_ms=args.unfinished_hangover_ms,
+                         finished_hangover_ms=args.finished_hangover_ms)
 
 
 def build_parser() -> argparse.ArgumentParser:

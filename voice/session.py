@@ -27,8 +27,9 @@ endpointer still listens. Nothing of it reaches the client until the endpoint
 confirms it (`TurnRecord.tentative`; its events are held, its audio waits).
 If the speaker goes on, the tentative turn is dropped through the barge-in
 path without a trace. Its transcript also judges the end of the turn
-(`asr.looks_finished`): a finished sentence ends the utterance at once, an
-unfinished one waits `unfinished_hangover_ms` instead of the usual hang-over.
+(`asr.looks_finished`): a finished sentence ends the utterance once the
+silence has lasted `finished_hangover_ms`, an unfinished one waits
+`unfinished_hangover_ms` instead of the usual hang-over.
 
 Barge-in: when the user starts speaking (or types, or presses stop) while a
 turn is being computed or its reply is still playing, the input stage marks
@@ -72,7 +73,7 @@ log = logging.getLogger("voice.session")
 ASR_RATE = 16000  # the VAD and Whisper both work at 16 kHz
 
 
-DEFAULT_PAUSE_MS = 200  # silence after which a tentative turn starts (scripts/endpoint_sweep.py)
+DEFAULT_PAUSE_MS = 120  # silence after which a tentative turn starts (scripts/endpoint_sweep.py)
 
 
 def _default_vad():
@@ -110,6 +111,11 @@ class SessionConfig:
             without waiting out the hang-over. Needs `vad.pause_ms` > 0.
         unfinished_hangover_ms: the silence that ends an utterance whose
             tentative transcript reads as unfinished (0: the usual hang-over).
+        finished_hangover_ms: the least silence that ends an utterance whose
+            tentative transcript reads as finished; if Whisper reads it sooner,
+            the end waits for it (0: end when read). The reply is held until
+            the endpoint, and the pass takes longer than this, so it costs no
+            latency; it spares pauses inside a sentence that Whisper reads fast.
     """
 
     input_sample_rate: int = 16000
@@ -132,6 +138,7 @@ class SessionConfig:
     speak_early: bool = True
     end_when_finished: bool = True
     unfinished_hangover_ms: int = 1500
+    finished_hangover_ms: int = 600
 
     def __post_init__(self) -> None:
         if self.input_sample_rate not in P.INPUT_SAMPLE_RATES:
@@ -191,6 +198,7 @@ class InputStage(_SessionStage):
         self.samples = 0  # 16 kHz samples fed to the VAD
         self.utterance: Utterance | None = None
         self.tentative: TurnRecord | None = None  # begun at a pause of the open utterance
+        self._end_at_silence_ms: int | None = None  # the tentative turn reads finished: end at this much silence
         self._utterances = 0
         self._arrivals: deque[tuple[float, float]] = deque(maxlen=256)  # (stream ms at chunk end, arrival)
 
@@ -233,6 +241,8 @@ class InputStage(_SessionStage):
         self._arrivals.append((self.samples * 1000 / ASR_RATE, now()))
         for ev in events:
             await self._on_vad(ev)
+        if self._end_at_silence_ms is not None and self.vad.silence_ms >= self._end_at_silence_ms:
+            await self._end_now()
         await self._maybe_partial()
 
     def _arrival(self, t_ms: float) -> float:
@@ -298,6 +308,7 @@ class InputStage(_SessionStage):
         """The speaker went on (or typed): the tentative turn was not a turn. Its work stops; the client
         saw nothing."""
         record, self.tentative = self.tentative, None
+        self._end_at_silence_ms = None
         if record is None:
             return
         if self.utterance is not None:  # partials again (one queued before the pause may have been dropped)
@@ -311,6 +322,7 @@ class InputStage(_SessionStage):
     async def _confirm(self) -> None:
         """The endpoint: the tentative turn becomes the turn, and what it held goes to the client."""
         record, self.tentative = self.tentative, None
+        self._end_at_silence_ms = None
         record.timings["endpoint_ms"] = _ms(record.started)
         await self.notify(TurnConfirmed(record))
 
@@ -322,11 +334,18 @@ class InputStage(_SessionStage):
         if hint.finished is None:  # no words to judge by: the usual hang-over decides
             self.vad.set_pause_hangover(0)
         elif hint.finished and cfg.end_when_finished:
-            ev = self.vad.end_now()
-            if ev is not None:
-                await self._on_vad(ev)
+            if self.vad.silence_ms >= cfg.finished_hangover_ms:
+                await self._end_now()
+            else:  # read before the least silence has passed: _feed ends it then, unless speech comes first
+                self._end_at_silence_ms = cfg.finished_hangover_ms
         elif not hint.finished and cfg.unfinished_hangover_ms:
             self.vad.set_pause_hangover(cfg.unfinished_hangover_ms)
+
+    async def _end_now(self) -> None:
+        self._end_at_silence_ms = None
+        ev = self.vad.end_now()
+        if ev is not None:
+            await self._on_vad(ev)
 
     async def _maybe_partial(self) -> None:
         u, cfg = self.utterance, self.config

@@ -26,3 +26,4 @@ async def test_short_soak_loses_no_turn():
     assert result.done >= 2 and not result.lost, report(result, True)
     assert result.cleanups > 0 and result.cleanup_errors == 0
     assert len(result.voice_to_voice_ms) == result.done
+    assert result.rss_warm_mb is not None and result.rss_end_mb is not None  # warm after each session's first turn

@@ -14,8 +14,11 @@ requests outstanding until the end.
 
 Printed: the command and machine, turns completed and lost, the percentiles
 of voice-to-voice and of the dLLM stage, cleanup requests answered, and (for
-a server in this process) the resident memory after warm-up (every session's
-first turn) and at the end. Results go in docs/BENCHMARKS.md.
+a server in this process) the resident memory after warm-up and at the end.
+Warm-up lasts until every session has taken `--warm-turns` turns (by default
+as many as a session's history keeps: from then on its prompt is as long as
+it gets, so the engine's buffers have seen their largest shapes). Results go
+in docs/BENCHMARKS.md.
 """
 from __future__ import annotations
 
@@ -47,7 +50,7 @@ class SoakResult:
     cleanup_errors: int = 0
     rss_warm_mb: float | None = None
     rss_end_mb: float | None = None
-    warm: int = 0  # sessions past their first turn
+    warm: int = 0  # sessions past their warm-up turns
     rss_each_minute_mb: list[float] = field(default_factory=list)  # the curve: a leak climbs, a cache flattens
 
 
@@ -64,7 +67,7 @@ def rss_mb() -> float | None:
 
 
 async def _session(url: str, utterances: list[tuple[str, np.ndarray]], until: float, result: SoakResult,
-                   offset: int, sessions: int, timeout: float) -> None:
+                   offset: int, sessions: int, timeout: float, warm_turns: int) -> None:
     from websockets.asyncio.client import connect
 
     chunk = 320  # 20 ms at 16 kHz
@@ -118,7 +121,7 @@ async def _session(url: str, utterances: list[tuple[str, np.ndarray]], until: fl
                                 break
                 except TimeoutError:
                     result.lost.append(f"no turn.done within {timeout:g} s: {question!r}")
-                if n - offset == sessions:  # this session's first turn: warm
+                if n - offset == warm_turns * sessions:  # this session's last warm-up turn
                     result.warm += 1
                     if result.warm == sessions:
                         result.rss_warm_mb = rss_mb()
@@ -159,10 +162,10 @@ async def _sample_rss(result: SoakResult, every_s: float = 60.0) -> None:
 
 
 async def run_soak(url: str, utterances: list[tuple[str, np.ndarray]], *, sessions: int, minutes: float,
-                   flood: int = 0, flood_inflight: int = 16, timeout: float = 120.0) -> SoakResult:
+                   flood: int = 0, flood_inflight: int = 16, timeout: float = 120.0, warm_turns: int = 1) -> SoakResult:
     result = SoakResult()
     until = time.monotonic() + minutes * 60
-    jobs = [_session(url, utterances, until, result, i, sessions, timeout) for i in range(sessions)]
+    jobs = [_session(url, utterances, until, result, i, sessions, timeout, warm_turns) for i in range(sessions)]
     jobs += [_flood(url, until, flood_inflight, result) for _ in range(flood)]
     sampler = asyncio.create_task(_sample_rss(result))
     try:
@@ -185,8 +188,10 @@ def report(result: SoakResult, in_process: bool) -> str:
         growth = (result.rss_end_mb / result.rss_warm_mb - 1) * 100
         lines.append(f"RSS after warm-up {result.rss_warm_mb:.0f} MiB, at the end {result.rss_end_mb:.0f} MiB "
                      f"({growth:+.1f}%)")
-        if result.rss_each_minute_mb:
-            lines.append("RSS each minute (MiB): " + " ".join(f"{mb:.0f}" for mb in result.rss_each_minute_mb))
+    elif in_process:
+        lines.append("RSS after warm-up: not reached (a session took fewer than --warm-turns turns)")
+    if in_process and result.rss_each_minute_mb:
+        lines.append("RSS each minute (MiB): " + " ".join(f"{mb:.0f}" for mb in result.rss_each_minute_mb))
     lines += [f"lost: {reason}" for reason in result.lost[:20]]
     return "\n".join(lines)
 
@@ -206,7 +211,7 @@ async def _main(args: argparse.Namespace) -> int:
         url = server.url
     try:
         result = await run_soak(url, utterances, sessions=args.sessions, minutes=args.minutes, flood=args.flood,
-                                flood_inflight=args.flood_inflight)
+                                flood_inflight=args.flood_inflight, warm_turns=args.warm_turns)
     finally:
         if server is not None:
             await server.close()
@@ -223,9 +228,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--url", help="a running server (ws://host:port); default: one in this process")
     p.add_argument("--steps", type=int, default=8, help="denoising steps K (in-process server)")
     p.add_argument("--threads", type=int, help="CPU threads per model (in-process server)")
+    from .session import SessionConfig
+    p.add_argument("--warm-turns", type=int, default=SessionConfig.history_turns,
+                   help="turns per session before the warm-up memory is read (default: the history a session "
+                        f"keeps, {SessionConfig.history_turns})")
     args = p.parse_args(argv)
-    if args.sessions < 1 or args.minutes <= 0:
-        p.error("--sessions must be at least 1 and --minutes above 0")
+    if args.sessions < 1 or args.minutes <= 0 or args.warm_turns < 1:
+        p.error("--sessions and --warm-turns must be at least 1 and --minutes above 0")
     from .cli import _openmp_defaults
     _openmp_defaults(args.threads)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s",

@@ -50,7 +50,9 @@ class EngineOptions:
 
     sampler: SamplerOptions = SamplerOptions()
     layout: TurnLayout = TurnLayout()
-    cache: str = "auto"  # auto: exact for prefix models, approx for bidirectional ones
+    # auto: exact for prefix models, approx for bidirectional ones. window (prefix models): exact for the
+    # prompt, and a block's later steps run only its span of the canvas (faster, docs/MODEL_CARD.md).
+    cache: str = "auto"
     max_batch: int = 16
     # Rows of a batch of bulk requests (None: max_batch). An interactive request waits
     # behind the batch that is running; on a CPU a batch costs about its rows times one.

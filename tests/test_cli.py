@@ -100,6 +100,13 @@ def test_usage_errors():
     assert voice(timeout=60).returncode == 2
 
 
+def test_bad_endpointing_option_names_the_flag():
+    """A negative hang-over is refused before any model loads, naming the flag."""
+    run = voice("serve", "--port", "0", "--finished-hangover-ms", "-5", timeout=60)
+    assert run.returncode != 0 and "--finished-hangover-ms must not be negative" in run.stderr, run.stderr
+    assert "loading" not in run.stderr
+
+
 def test_serve_beyond_loopback_needs_a_token():
     """`voice serve --host 0.0.0.0` with no token refuses to start, before loading any model, and says why."""
     env_token = os.environ.pop("VOICE_TOKEN", None)

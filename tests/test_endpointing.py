@@ -220,6 +220,8 @@ async def test_a_finished_question_waits_for_the_least_silence() -> None:
         finally:
             await s.close()
     assert waited[0] < 850 <= waited[900] < 1500, waited
+    with pytest.raises(ValueError, match="finished_hangover_ms"):
+        SessionConfig(finished_hangover_ms=-1)
 
 
 async def test_a_pause_read_as_finished_is_spared_by_the_least_silence() -> None:

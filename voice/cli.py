@@ -77,7 +77,7 @@ def _session_config(args: argparse.Namespace):
         vad = VADOptions(hangover_ms=args.hangover_ms, post_roll_ms=min(300, args.hangover_ms),
                          min_speech_ms=args.min_speech_ms, max_utterance_ms=args.max_utterance_ms,
                          pause_ms=args.pause_ms)
-        for flag in ("unfinished_hangover_ms", "finished_hangover_ms"):
+        for flag in ("unfinished_hangover_ms", "finished_hangover_ms"):  # named as the user typed them
             if getattr(args, flag) < 0:
                 raise ValueError(f"--{flag.replace('_', '-')} must not be negative, got {getattr(args, flag)}")
     except ValueError as e:

@@ -147,6 +147,8 @@ class SessionConfig:
             raise ValueError(f"output_sample_rate must be one of {P.OUTPUT_SAMPLE_RATES}")
         if self.partial_every_ms < 0 or self.out_chunk_ms < 10:
             raise ValueError("partial_every_ms must be >= 0 and out_chunk_ms >= 10")
+        if self.unfinished_hangover_ms < 0 or self.finished_hangover_ms < 0:
+            raise ValueError("unfinished_hangover_ms and finished_hangover_ms must be >= 0")
 
     @classmethod
     def from_start(cls, start: P.SessionStart, base: SessionConfig | None = None) -> SessionConfig:

@@ -25,7 +25,10 @@ nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader -l 20 >
 smi=$!
 
 t0=$(date +%s)
-for s in 0 1 2 3; do "$PY" -m dllm.training.data --out data/s$s --seed $s ${DATA_ARGS:-} > $logs/data_s$s.log 2>&1 & done
+for s in 0 1 2 3; do
+  rt=(); [ $s = 0 ] && [ -f data/asr_roundtrip.jsonl ] && rt=(--asr-roundtrip data/asr_roundtrip.jsonl)  # once, in s0
+  "$PY" -m dllm.training.data --out data/s$s --seed $s "${rt[@]}" ${DATA_ARGS:-} > $logs/data_s$s.log 2>&1 &
+done
 wait $(jobs -p | grep -v "^$smi$")
 echo "data: $(cat data/s*/train.jsonl | wc -l) rows in $(( $(date +%s) - t0 )) s" | tee -a "$out/summary.txt"
 "$PY" -m dllm.training.train --data 'data/s*/train.jsonl' --examples-cache /tmp/examples.pkl --workers ${WORKERS:-14} \

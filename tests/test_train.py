@@ -56,6 +56,26 @@ def test_data_is_reproducible_and_heldout_is_disjoint():
         assert row["raw"] == row["raw"].lower() and "?" not in row["raw"]
 
 
+def test_speech_round_trip_rows_join_the_training_rows(tmp_path):
+    """--asr-roundtrip adds its rows (empty transcripts dropped) to train.jsonl only; a missing file is an error."""
+    from dllm.training.data import main as make_data
+    rows = [{"raw": "what time does the library open on saturday", "cleaned": "What time does the library open on "
+             "Saturday?", "reply": None, "knowledge": None, "history": [], "spoken": "x", "voice": "espeak-en"},
+            {"raw": " ", "cleaned": "Hi.", "reply": None, "knowledge": None, "history": [], "spoken": "y",
+             "voice": "piper-1.0"}]
+    rt = tmp_path / "rt.jsonl"
+    rt.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    small = ["--cleanup", "20", "--grounded", "5", "--talk", "5", "--heldout-cleanup", "5", "--heldout-grounded", "2",
+             "--heldout-talk", "2"]
+    make_data(["--out", str(tmp_path / "d"), *small, "--asr-roundtrip", str(rt)])
+    train = [json.loads(x) for x in (tmp_path / "d" / "train.jsonl").open()]
+    held = [json.loads(x) for x in (tmp_path / "d" / "heldout.jsonl").open()]
+    assert [r["raw"] for r in train if r.get("voice")] == [rows[0]["raw"]]
+    assert not any(r.get("voice") for r in held)
+    with pytest.raises(SystemExit, match="no such file"):
+        make_data(["--out", str(tmp_path / "e"), *small, "--asr-roundtrip", str(tmp_path / "absent.jsonl")])
+
+
 def test_self_correction_keeps_only_the_corrected_slot():
     """A corrected slot appears in the raw text twice (wrong, right) but once, right, in the clean text."""
     rng = random.Random(0)

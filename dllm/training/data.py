@@ -545,6 +545,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--heldout-cleanup", type=int, default=300)
     p.add_argument("--heldout-grounded", type=int, default=150)
     p.add_argument("--heldout-talk", type=int, default=100)
+    p.add_argument("--asr-roundtrip", metavar="FILE", help="rows of scripts/asr_roundtrip.py to add to the training "
+                   "rows (default: OUT/asr_roundtrip.jsonl, if there)")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -556,7 +558,9 @@ def main(argv: list[str] | None = None) -> None:
     held = generate(args.seed + 1000, n_cleanup=args.heldout_cleanup, n_grounded=args.heldout_grounded,
                     n_talk=args.heldout_talk, heldout=True, words=words)
     print(f"generated: {len(train)} train rows, {len(held)} held-out rows ({time.perf_counter() - t0:.1f} s)", flush=True)
-    asr = out / "asr_roundtrip.jsonl"
+    asr = Path(args.asr_roundtrip) if args.asr_roundtrip else out / "asr_roundtrip.jsonl"
+    if args.asr_roundtrip and not asr.is_file():
+        raise SystemExit(f"--asr-roundtrip {asr}: no such file (make it with scripts/asr_roundtrip.py)")
     if asr.is_file():
         rows = [json.loads(line) for line in asr.open()]
         train += [r for r in rows if r["raw"].strip()]

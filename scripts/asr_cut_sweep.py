@@ -100,8 +100,8 @@ def main() -> None:
                     inside_h.append(h)
                     inside_r.append(s)
         worst = max(wer(*v) for v in per_cut.values())
-        print(f"{beam:>4} {lead:>10} {window:>8g} | {wer(hyps, refs):>12.3f} {wer(inside_h, inside_r):>15.3f} {worst:>13.3f} | "
-              f"{statistics.median(times) * 1000:>7.0f}", flush=True)
+        print(f"{beam:>4} {lead:>10} {window:>8g} | {wer(hyps, refs):>12.3f} {wer(inside_h, inside_r):>15.3f} "
+              f"{worst:>13.3f} | {statistics.median(times) * 1000:>7.0f}", flush=True)
 
 
 if __name__ == "__main__":

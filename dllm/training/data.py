@@ -562,8 +562,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.asr_roundtrip and not asr.is_file():
         raise SystemExit(f"--asr-roundtrip {asr}: no such file (make it with scripts/asr_roundtrip.py)")
     if asr.is_file():
-        rows = [json.loads(line) for line in asr.open()]
-        train += [r for r in rows if r["raw"].strip()]
+        rows = [r for r in map(json.loads, asr.open()) if r["raw"].strip()]  # Whisper heard nothing: no row
+        train += rows
         print(f"added {len(rows)} speech round-trip rows from {asr}", flush=True)
     else:
         print(f"no {asr}: run `python scripts/asr_roundtrip.py --out {out}` for speech-made raw text", flush=True)

@@ -4,9 +4,12 @@
 prompts are left-padded into one (B, P) block whose keys and values are
 computed once (the prefix cache), then each of the K steps runs only the
 canvas (B, N) against that cache. For models trained with the "prefix"
-structure the cache is exact; for bidirectional models (LLaDA, Dream) the
-"approx" mode follows Fast-dLLM: the prompt's keys and values are refreshed
-once per semi-autoregressive block and reused within it.
+structure the prompt cache is exact, and a prompt's head (the instruction and
+a card) is kept between turns; the rolling cache also keeps the canvas's keys
+and values, so a step that writes the reply runs only the few positions it
+needs. For bidirectional models (LLaDA, Dream) the "approx" mode follows
+Fast-dLLM: the prompt's keys and values are refreshed once per
+semi-autoregressive block and reused within it.
 
 The async side (`start`, `respond`, `cleanup`) queues requests in a bounded
 queue; one worker forms batches of one canvas shape and runs them on a single
@@ -19,13 +22,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .chat import ChatFormat
@@ -39,7 +44,8 @@ from .turn import (Encoded, Turn, TurnLayout, TurnResult, clean_vocabulary, deco
 
 log = logging.getLogger(__name__)
 
-CACHE_MODES = ("auto", "exact", "window", "approx", "none")
+CACHE_MODES = ("auto", "exact", "window", "rolling", "approx", "none")
+PREFIX_CACHES = ("exact", "window", "rolling")  # modes whose prompt cache is exact: "prefix" models only
 PRIORITY_BULK = 0  # the default: batch work, such as transcript cleanup
 PRIORITY_INTERACTIVE = 1  # someone is waiting to hear the answer
 
@@ -50,14 +56,18 @@ class EngineOptions:
 
     sampler: SamplerOptions = SamplerOptions()
     layout: TurnLayout = TurnLayout()
-    # auto: exact for prefix models, approx for bidirectional ones. window (prefix models): exact for the
-    # prompt, and a block's later steps run only its span of the canvas (faster, docs/MODEL_CARD.md).
+    # auto: rolling for prefix models, approx for bidirectional ones. Prefix models: exact runs the whole canvas
+    # every step; window runs a block's later steps on its span; rolling runs a reply step on the positions it
+    # reads and those just committed (each exact for the prompt; docs/MODEL_CARD.md).
     cache: str = "auto"
     max_batch: int = 16
     # Rows of a batch of bulk requests (None: max_batch). An interactive request waits
     # behind the batch that is running; on a CPU a batch costs about its rows times one.
     max_bulk_batch: int | None = None
     max_queue: int = 64  # waiting requests; past this, submit raises EngineBusy
+    # Prompt heads (the instruction and a card) whose keys and values are kept between turns, in tokens all
+    # together, least recently used dropped first (0: off). A token costs 23 KB in bf16 at SmolLM2's size.
+    head_cache_tokens: int = 8192
     batch_window_ms: float = 2.0  # how long the worker waits to gather a batch
     seed: int = 0  # per-request seed for temperature > 0, so results repeat
 
@@ -66,6 +76,8 @@ class EngineOptions:
             raise RequestError(f"cache must be one of {CACHE_MODES}, got {self.cache!r}")
         if self.max_batch < 1 or self.max_queue < 1 or (self.max_bulk_batch or 1) < 1:
             raise RequestError("max_batch, max_bulk_batch and max_queue must be at least 1")
+        if self.head_cache_tokens < 0:
+            raise RequestError(f"head_cache_tokens must be >= 0, got {self.head_cache_tokens}")
 
 
 @dataclass
@@ -96,13 +108,16 @@ class Engine:
         self.cfg = model.cfg
         cache = options.cache
         if cache == "auto":
-            cache = "exact" if self.cfg.attention == "prefix" else "approx"
-        if cache in ("exact", "window") and self.cfg.attention != "prefix":
+            cache = "rolling" if self.cfg.attention == "prefix" else "approx"
+        if cache in PREFIX_CACHES and self.cfg.attention != "prefix":
             raise RequestError(f"the {cache} cache needs attention='prefix'; this model is {self.cfg.attention!r} "
                                "(use cache='approx' or 'none')")
         self.cache_mode = cache
         self.forward_calls = 0  # model calls made by the sampler, for tests and benchmarks
         self._repeat_ok_cache: Tensor | None = None
+        self._heads: OrderedDict[tuple[int, ...], KVCache] = OrderedDict()  # prompt head -> its keys and values
+        self._heads_lock = threading.Lock()  # run() may be called from more than one thread
+        self.head_hits = 0  # turns whose prompt head came from the cache, for tests and benchmarks
         self._pending: deque[_Pending] = deque()
         self._batches = 0
         self._last_served: dict[object, int] = {}  # client -> number of the last batch it had a request in
@@ -130,19 +145,25 @@ class Engine:
         if any(len(e.canvas) != n for e in batch):
             raise RequestError("a batch must hold canvases of one length")
         dev = self.device
-        P = max(len(e.prompt) for e in batch)
-        pad = self.tok.end_id
-        prompt = torch.tensor([[pad] * (P - len(e.prompt)) + e.prompt for e in batch], device=dev)  # (B, P)
-        valid = torch.tensor([[False] * (P - len(e.prompt)) + [True] * len(e.prompt) for e in batch], device=dev)
+        prompt_kv = None
+        if cache in PREFIX_CACHES:  # the prompt runs now, each row's head from the cache where it can
+            prompt_kv, valid = self._prompt_cache(batch)
+            prompt = p_pos = None
+        else:
+            P = max(len(e.prompt) for e in batch)
+            pad = self.tok.end_id
+            prompt = torch.tensor([[pad] * (P - len(e.prompt)) + e.prompt for e in batch], device=dev)  # (B, P)
+            valid = torch.tensor([[False] * (P - len(e.prompt)) + [True] * len(e.prompt) for e in batch], device=dev)
+            p_pos = (torch.arange(P, device=dev) - (P - valid.sum(-1, keepdim=True))).clamp(min=0)  # (B, P)
         lengths = valid.sum(-1, keepdim=True)  # (B, 1)
-        p_pos = (torch.arange(P, device=dev) - (P - lengths)).clamp(min=0)  # (B, P)
         c_pos = lengths + torch.arange(n, device=dev)  # (B, N)
         canvas = torch.tensor([e.canvas for e in batch], device=dev)  # (B, N)
         field = torch.tensor(batch[0].field, device=dev)
         key_valid = torch.cat([valid, torch.ones_like(canvas, dtype=torch.bool)], dim=1)
         spans = pass_spans(sampler, field)
         block_starts = {sum(spans[:i]) for i in range(len(spans))}
-        predict = self._predictor(prompt, valid, p_pos, c_pos, key_valid, cache, block_starts)
+        predict = self._predictor(prompt, valid, p_pos, c_pos, key_valid, cache, block_starts, prompt_kv=prompt_kv,
+                                  in_reply=field == 1)
         seeds = seeds or [self.options.seed] * len(batch)
         clean_vocab = None
         if sampler.copy_clean and all(e.raw for e in batch):  # built here, not at encode: training never needs it
@@ -163,14 +184,23 @@ class Engine:
             self._repeat_ok_cache = ok
         return self._repeat_ok_cache
 
-    def _predictor(self, prompt: Tensor, valid: Tensor, p_pos: Tensor, c_pos: Tensor, key_valid: Tensor,
-                   cache: str, block_starts: set[int]) -> Callable[[Tensor, int, Tensor], Tensor]:
+    def _predictor(self, prompt: Tensor | None, valid: Tensor, p_pos: Tensor | None, c_pos: Tensor,
+                   key_valid: Tensor, cache: str, block_starts: set[int], *,
+                   prompt_kv: tuple[KVCache, Tensor] | None = None,
+                   in_reply: Tensor | None = None) -> Callable[[Tensor, int, Tensor], Tensor]:
         """The per-step function: canvas (B, N), step, cols (C,) -> logits (B, C, V) for those canvas
         positions. The whole canvas runs through the blocks; only the positions the sampler may commit
         this step go through the LM head (a fifth of a step's work per position, at SmolLM2's size).
-        The approximate cache refreshes the prompt at `block_starts`, the steps that open a block."""
-        model, shift, P = self.model, self.cfg.shift_logits, prompt.shape[1]
+        The approximate cache refreshes the prompt at `block_starts`, the steps that open a block.
+        `prompt_kv`: the prompt's keys and values and its last hidden row, computed already
+        (`_prompt_cache`); otherwise the exact and window caches compute them from `prompt`.
+        `in_reply` (N,): the canvas positions of the reply field (the rolling cache's spans stay in it)."""
+        model, shift, P = self.model, self.cfg.shift_logits, valid.shape[1]
+        if in_reply is None:
+            in_reply = torch.zeros(c_pos.shape[1], dtype=torch.bool, device=c_pos.device)
         state: dict[str, object] = {}
+        if prompt_kv is not None:
+            state["kv"], state["last"] = prompt_kv
 
         def rows(h: Tensor, last: Tensor) -> Tensor:
             """(B, N, D): the hidden state each canvas position is read from; with shifted logits,
@@ -227,6 +257,45 @@ class Engine:
                 return model.lm_head(torch.cat([state["last"], h], dim=1)[:, cols])
             return model.lm_head(h[:, cols - first - 1])
 
+        def rolling(canvas: Tensor, step: int, cols: Tensor) -> Tensor:
+            """Each canvas position's keys and values are kept from the last step that ran it. A step runs
+            only the span from the first to the last position it needs: those whose logits are asked for,
+            and those whose token changed since they last ran; the rest of the canvas is read from the
+            cache. Written left to right (`SamplerOptions.reply_frontier`), a reply's step then runs a few
+            positions, as autoregressive decoding would. Approximate: a kept position does not see what
+            was committed after it last ran. So only steps that commit nothing but reply tokens take a
+            span (the cleaned field, and a cleanup canvas, are written as with the exact cache), and a
+            span of most of the canvas runs the whole canvas."""
+            self.forward_calls += 1
+            cache_prompt()
+            n = canvas.shape[1]
+            first, last_col = int(cols[0]), int(cols[-1])
+            lo, hi = (max(first - 1, 0), max(last_col, 1)) if shift else (first, last_col + 1)  # rows read
+            if "ran" in state:
+                changed = (canvas != state["ran"]).any(0).nonzero().squeeze(-1)
+                if len(changed):
+                    lo, hi = min(lo, int(changed[0])), max(hi, int(changed[-1]) + 1)
+            if "ran" not in state or 4 * (hi - lo) > 3 * n or not in_reply[cols].all():
+                h, kv = model.hidden(canvas, c_pos, prefix_len=P, key_valid=key_valid, cache=state["kv"],
+                                     save_cache=True)
+                state["ckv"], state["ran"] = kv, canvas.clone()
+                return model.lm_head(rows(h, state["last"])[:, cols])
+            ckv, pkv = state["ckv"], state["kv"]
+            outside = lambda p, c: torch.cat([p, c[:, :, :lo], c[:, :, hi:]], dim=2)  # noqa: E731
+            rest = KVCache([outside(p, c) for p, c in zip(pkv.keys, ckv.keys)],
+                           [outside(p, c) for p, c in zip(pkv.values, ckv.values)])
+            span_valid = torch.cat([valid, key_valid.new_ones(len(canvas), n)], dim=1)  # the rest, then the span
+            h, kv = model.hidden(canvas[:, lo:hi], c_pos[:, lo:hi], prefix_len=rest.length, key_valid=span_valid,
+                                 cache=rest, save_cache=True)
+            for kept, new in zip(ckv.keys + ckv.values, kv.keys + kv.values):
+                kept[:, :, lo:hi] = new
+            state["ran"][:, lo:hi] = canvas[:, lo:hi]
+            if not shift:
+                return model.lm_head(h[:, cols - lo])
+            if first == 0:  # position 0 is read from the prompt's last row
+                return model.lm_head(torch.cat([state["last"], h[:, cols[1:] - 1 - lo]], dim=1))
+            return model.lm_head(h[:, cols - 1 - lo])
+
         def approx(canvas: Tensor, step: int, cols: Tensor) -> Tensor:
             self.forward_calls += 1
             if step in block_starts:  # refresh at each block's start
@@ -242,7 +311,60 @@ class Engine:
             self.forward_calls += 1
             return model.lm_head(full(canvas, save=False)[0][:, cols])
 
-        return {"exact": exact, "window": window, "approx": approx, "none": none}[cache]
+        return {"exact": exact, "window": window, "rolling": rolling, "approx": approx, "none": none}[cache]
+
+    def _prompt_cache(self, batch: list[Encoded]) -> tuple[tuple[KVCache, Tensor], Tensor]:
+        """Keys and values of each row's prompt, its last hidden row (B, 1, D), and which key slots hold
+        real tokens (B, P). Row i is laid out as [padding, head i, padding, rest i]: the head (instruction
+        and card, `Encoded.head`) comes from the head cache, computed once per distinct head, and only the
+        rest (history, transcript) runs here. The prompt is causal, so this equals running it whole."""
+        dev, pad = self.device, self.tok.end_id
+        lens = [e.head if self.options.head_cache_tokens else 0 for e in batch]  # off: each prompt runs whole
+        heads = [self._head_kv(tuple(e.prompt[:h])) for e, h in zip(batch, lens)]
+        rests = [e.prompt[h:] for e, h in zip(batch, lens)]
+        H, R = max(lens), max(len(r) for r in rests)
+        head_valid = torch.tensor([[False] * (H - h) + [True] * h for h in lens], dtype=torch.bool, device=dev)
+        rest_valid = torch.tensor([[False] * (R - len(r)) + [True] * len(r) for r in rests], device=dev)
+        valid = torch.cat([head_valid, rest_valid], dim=1)  # (B, H + R)
+        tokens = torch.tensor([[pad] * (R - len(r)) + r for r in rests], device=dev)  # (B, R)
+        starts = torch.tensor([[h] for h in lens], device=dev)
+        positions = (starts + torch.arange(R, device=dev) - (R - rest_valid.sum(-1, keepdim=True))).clamp(min=0)
+        past = None
+        if H:  # each row's head keys and values, left-padded to H (a row without a head: all padding)
+            def stack(parts: list[Tensor | None]) -> Tensor:  # each (1, Hkv, h, D) or None -> (B, Hkv, H, D)
+                like = next(t for t in parts if t is not None)
+                return torch.cat([like.new_zeros(1, like.shape[1], H, like.shape[3]) if t is None else
+                                  F.pad(t, (0, 0, H - t.shape[2], 0)) for t in parts])
+            layers = range(self.cfg.n_layers)
+            past = KVCache([stack([None if kv is None else kv.keys[i] for kv in heads]) for i in layers],
+                           [stack([None if kv is None else kv.values[i] for kv in heads]) for i in layers])
+        h, kv = self.model.hidden(tokens, positions, prefix_len=H + R, key_valid=valid, cache=past, save_cache=True)
+        if past is not None:
+            kv = KVCache([torch.cat(p, dim=2) for p in zip(past.keys, kv.keys)],
+                         [torch.cat(p, dim=2) for p in zip(past.values, kv.values)])
+        return (kv, h[:, -1:]), valid
+
+    def _head_kv(self, head: tuple[int, ...]) -> KVCache | None:
+        """The keys and values (1, Hkv, h, D) of a prompt head, from the cache or computed and kept."""
+        if not head:
+            return None
+        limit = self.options.head_cache_tokens
+        with self._heads_lock:
+            kv = self._heads.get(head)
+            if kv is not None:
+                self._heads.move_to_end(head)
+                self.head_hits += 1
+                return kv
+        h = len(head)
+        tokens = torch.tensor([head], device=self.device)
+        _, kv = self.model.hidden(tokens, torch.arange(h, device=self.device)[None], prefix_len=h,
+                                  key_valid=torch.ones(1, h, dtype=torch.bool, device=self.device), save_cache=True)
+        if h <= limit:
+            with self._heads_lock:
+                self._heads[head] = kv
+                while sum(len(k) for k in self._heads) > limit:
+                    self._heads.popitem(last=False)
+        return kv
 
     def _finish(self, enc: Encoded, ids: list[int], sampler: SamplerOptions, ms: float) -> TurnResult:
         cleaned = decode_field(ids, enc.field, 0, self.tok, self.cfg.mask_id)

@@ -14,7 +14,8 @@ and commits the most confident ones:
 Optional semi-autoregressive blocks fill the canvas left to right, K / blocks
 steps each. The lead is a two-block order for the voice turn: the cleaned field
 and the reply's first few tokens first, so the first sentence can be spoken
-before the pass ends. Everything is batched with static shapes: per-row quotas become a
+before the pass ends. The reply frontier writes the reply from its left edge, a
+token or a few sure ones a step, so its words come from one way of saying it. Everything is batched with static shapes: per-row quotas become a
 rank comparison, never a Python loop over rows or a host sync inside a step.
 """
 from __future__ import annotations
@@ -44,10 +45,9 @@ class SamplerOptions:
     temperature: float = 0.0  # 0: greedy; >0: Gumbel-max sampling, seeded per request
     blocks: int = 1  # semi-autoregressive blocks (1: the whole canvas at once)
     # The lead: the cleaned field and the reply's first `lead_tokens` positions are committed in the
-    # first `lead_steps` steps (None: three quarters of them, which the eval chose over half: at K = 8
-    # fewer replies broken in their first sentence), the rest of the reply after. The reply's first
-    # sentence is then final part way through the pass and can be spoken while the rest denoises
-    # (0: off; blocks > 1 replace it).
+    # first `lead_steps` steps, the rest of the reply after. The reply's first sentence is then final part
+    # way through the pass and can be spoken while the rest denoises (0: off; blocks > 1 replace it).
+    # None: half the steps with `reply_frontier` (which paces the reply itself), else three quarters.
     lead_tokens: int = 12
     lead_steps: int | None = None
     fill_after_end: bool = True  # once a field commits its end token, pad the rest of it
@@ -62,6 +62,13 @@ class SamplerOptions:
     # a position whose masked neighbour is more confident waits, unless it is this sure itself (0: off).
     no_adjacent: float = 0.9
     whole_sentences: bool = True  # a reply that trails off after a finished sentence ends at that sentence
+    # The reply written from its left edge: a step commits, among the reply's first `reply_frontier` open
+    # positions, the one the model is surest of and every other it is `threshold` sure of; the pass's last
+    # step commits what is left. A reply can be said several ways ("Sorry, I don't know." / "I'm sorry, I
+    # don't know that."): positions guessed in one step take their words from different ones ("I'm sorry,
+    # I sorry."), unless the model is sure of them. 0: the reply is paced like the rest of its block (and
+    # blocks > 1 replace it).
+    reply_frontier: int = 4
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -78,6 +85,8 @@ class SamplerOptions:
             raise RequestError(f"lead_tokens must be >= 0, got {self.lead_tokens}")
         if self.copy_clean_penalty is not None and not self.copy_clean_penalty >= 0:
             raise RequestError(f"copy_clean_penalty must be >= 0 or None, got {self.copy_clean_penalty}")
+        if self.reply_frontier < 0:
+            raise RequestError(f"reply_frontier must be >= 0, got {self.reply_frontier}")
         if self.lead_steps is not None and not 1 <= self.lead_steps < self.steps:
             raise RequestError(f"lead_steps must lie in [1, steps), got {self.lead_steps} with steps={self.steps}")
 
@@ -135,7 +144,9 @@ def uses_lead(opts: SamplerOptions, field: Tensor) -> bool:
 def pass_spans(opts: SamplerOptions, field: Tensor) -> list[int]:
     """Steps given to each block of a pass over a canvas with these fields, in order (sum: steps)."""
     if uses_lead(opts, field):
-        first = opts.lead_steps or max(1, opts.steps * 3 // 4)
+        # The lead's default share: with the frontier it paces only the cleaned field (the reply keeps its own
+        # pace), and half the steps measured best; without it, three quarters (docs/MODEL_CARD.md).
+        first = opts.lead_steps or max(1, opts.steps // 2 if opts.reply_frontier else opts.steps * 3 // 4)
         return [first, opts.steps - first]
     return [opts.steps // opts.blocks] * opts.blocks
 
@@ -150,6 +161,16 @@ def _commit_mask(conf: Tensor, candidates: Tensor, steps_left: int, opts: Sample
     order = conf.argsort(dim=-1, descending=True, stable=True)
     rank = torch.empty_like(order).scatter_(-1, order, torch.arange(conf.shape[-1], device=conf.device).expand_as(order))
     return (rank < quota) & candidates
+
+
+def _frontier_commit(conf: Tensor, frontier: Tensor, final: bool, threshold: float) -> Tensor:
+    """The reply's commits (B, N) among its `frontier` positions: the surest one and every one at least
+    `threshold` sure; at the pass's `final` step, all of them."""
+    if final:
+        return frontier
+    conf = conf.masked_fill(~frontier, float("-inf"))
+    best = torch.zeros_like(frontier).scatter_(-1, conf.argmax(-1, keepdim=True), True)
+    return (best | (conf >= threshold)) & frontier
 
 
 def _guard_logits(logits: Tensor, canvas: Tensor, field: Tensor, cols: Tensor, mask_id: int, opts: SamplerOptions,
@@ -267,6 +288,8 @@ def denoise(predict: Callable[[Tensor, int, Tensor], Tensor], canvas: Tensor, ma
     ends = [sum(spans[:i + 1]) for i in range(len(spans))]  # the step each block ends before
     ends_t = torch.tensor(ends, device=canvas.device)
     fields = [field == f for f in field.unique().tolist() if f >= 0]
+    in_reply = field == 1  # (N,)
+    frontier_on = bool(opts.reply_frontier) and opts.blocks == 1  # semi-autoregressive blocks order the reply instead
     t0 = time.monotonic()
     for step in range(opts.steps):
         if should_stop is not None and should_stop():
@@ -280,6 +303,11 @@ def denoise(predict: Callable[[Tensor, int, Tensor], Tensor], canvas: Tensor, ma
         t = time.monotonic()  # last: this step and one more, at the mean pace, would end past the deadline
         last = deadline is not None and t + (2 * (t - t0) / step if step else 0.0) >= deadline
         candidates = masked if last else masked & (block_of == block)
+        final = last or step == opts.steps - 1
+        if frontier_on:  # the reply's candidates: its first open positions, whatever block they are in
+            reply_open = masked & in_reply
+            frontier = reply_open if final else reply_open & (reply_open.int().cumsum(-1) <= opts.reply_frontier)
+            candidates = (candidates & ~in_reply) | frontier
         # (C,): the LM head and the scoring run on these alone. A host sync, and C varies from step to step:
         # on a CPU, where a step is compute-bound, a fifth of the work per skipped position is worth both.
         cols = candidates.any(0).nonzero().squeeze(-1)
@@ -298,7 +326,11 @@ def denoise(predict: Callable[[Tensor, int, Tensor], Tensor], canvas: Tensor, ma
         conf = torch.full((B, N), float("-inf"), device=canvas.device).index_copy(1, cols, picked_conf.float())
         conf = _guard_confidence(conf, tokens, candidates, end_id, opts, repeat_ok)
         steps_left = 1 if last else ends_t[block] - step  # (B, 1)
-        commit = _commit_mask(conf, candidates, steps_left, opts)
+        if frontier_on:
+            commit = _commit_mask(conf, candidates & ~in_reply, steps_left, opts) | \
+                _frontier_commit(conf, frontier, final, opts.threshold)
+        else:
+            commit = _commit_mask(conf, candidates, steps_left, opts)
         if opts.no_repeat:  # equal neighbours still committed together: every second one takes its next choice
             top = torch.full((B, N, 3), mask_id, device=canvas.device)
             top = top.index_copy(1, cols, logits.topk(3, dim=-1).indices)

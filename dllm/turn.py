@@ -74,6 +74,9 @@ class Encoded:
     with_reply: bool
     raw: str = ""
     meta: dict = field(default_factory=dict)
+    # The prompt's first `head` tokens (the start token and the system message: instruction and card) are the
+    # same on every turn that shares them; the engine keeps their keys and values between turns.
+    head: int = 0
 
     @property
     def shape_key(self) -> tuple[int, bool]:
@@ -117,6 +120,8 @@ def encode_turn(turn: Turn, tok: Tokenizer, chat: ChatFormat, *, mask_id: int,
             budget -= cost
     prompt_text = head + history + chat.message("user", raw) + chat.assistant_open
     prompt = tok.encode(prompt_text)
+    head_ids = tok.encode(head)
+    head_len = len(head_ids) if prompt[:len(head_ids)] == head_ids else 0  # a token merged across the seam: no head
 
     end = tok.end_id
     label_c, label_r = tok.encode(CLEAN_LABEL), tok.encode(REPLY_LABEL)
@@ -127,7 +132,7 @@ def encode_turn(turn: Turn, tok: Tokenizer, chat: ChatFormat, *, mask_id: int,
         fields += [-1] * len(label_r) + [1] * layout.reply_tokens
     canvas.append(end)  # a fixed end closes the canvas, so both fields end cleanly
     fields.append(-1)
-    return Encoded(prompt=prompt, canvas=canvas, field=fields, with_reply=with_reply, raw=raw)
+    return Encoded(prompt=prompt, canvas=canvas, field=fields, with_reply=with_reply, raw=raw, head=head_len)
 
 
 PUNCTUATION = (".", ",", "?", "!", "'", ":", "-", "'s")

@@ -42,6 +42,36 @@ def test_prefix_cache_is_exact(tiny_engine):
         assert tiny_engine.generate([e], cache="exact") == tiny_engine.generate([e], cache="none")
 
 
+def test_head_cache_is_exact_and_reused():
+    """A prompt's head (instruction and card) runs once and is reused by later turns; rows with different
+    heads, histories and transcripts batch together and fill their canvases as they would alone, uncached."""
+    eng = make_tiny_engine()
+    card = "Open 9 to 5. Closed Mondays."
+    turns = [Turn("hi"), Turn("hello", knowledge=card), Turn("where is it", history=(("hi", "hello"),)),
+             Turn("hello", knowledge="Tickets cost 4 pounds.")]
+    encs = [eng.encode(t) for t in turns]
+    assert len({e.shape_key for e in encs}) == 1 and all(e.head > 0 for e in encs)
+    assert encs[0].head == encs[2].head < encs[1].head, "the head is the instruction, plus the card when there is one"
+    alone = [eng.generate([e], cache="none")[0] for e in encs]
+    assert eng.head_hits == 0
+    assert eng.generate(encs, cache="exact") == alone
+    assert eng.head_hits == 1, "rows 0 and 2 share a head: the batch computed it once"
+    assert eng.generate(encs[1:2], cache="exact") == alone[1:2] and eng.head_hits == 2
+    assert make_tiny_engine(head_cache_tokens=0).generate(encs, cache="exact") == alone
+
+
+def test_head_cache_is_bounded():
+    """The cache keeps at most `head_cache_tokens` tokens of heads, dropping the least recently used."""
+    eng = make_tiny_engine(head_cache_tokens=300)
+    cards = [f"Card {i}: open {i} to 5, rooms {i}0 to {i}9." for i in range(6)]
+    for card in cards + cards[-1:]:
+        eng.generate([eng.encode(Turn("hi", knowledge=card))], SamplerOptions(steps=2))
+        assert 0 < sum(len(h) for h in eng._heads) <= 300
+    assert eng.head_hits == 1 and len(eng._heads) < len(cards)
+    with pytest.raises(RequestError, match="head_cache_tokens"):
+        make_tiny_engine(head_cache_tokens=-1)
+
+
 def test_exact_cache_refused_for_bidirectional_model():
     with pytest.raises(RequestError, match="prefix"):
         make_tiny_engine(attention="bidirectional", cache="exact")
@@ -59,6 +89,14 @@ def test_approximate_cache_for_bidirectional_model():
     assert eng.generate([enc], one, cache="approx") == eng.generate([enc], one, cache="none")
 
 
+def _predictors(eng, enc, modes: tuple[str, ...]) -> dict:
+    """The engine's per-step function for one encoded turn, in each cache mode (the first step opens a block)."""
+    P, N = len(enc.prompt), len(enc.canvas)
+    valid, key_valid = torch.ones(1, P, dtype=torch.bool), torch.ones(1, P + N, dtype=torch.bool)
+    return {mode: eng._predictor(torch.tensor([enc.prompt]), valid, torch.arange(P)[None], P + torch.arange(N)[None],
+                                 key_valid, mode, {0}, in_reply=torch.tensor(enc.field) == 1) for mode in modes}
+
+
 @pytest.mark.parametrize("shift", [True, False])
 @pytest.mark.parametrize("span", [(0, 9), (5, 17), (12, 30)])
 def test_window_cache_reads_the_right_rows(shift, span):
@@ -66,24 +104,56 @@ def test_window_cache_reads_the_right_rows(shift, span):
     began, its logits equal the exact cache's: the span's rows, their shift and the cached rest line up."""
     eng = make_tiny_engine(shift=shift)
     enc = eng.encode(Turn(QUESTIONS[1]))
-    P, N = len(enc.prompt), len(enc.canvas)
-    prompt, canvas = torch.tensor([enc.prompt]), torch.tensor([enc.canvas])
-    valid = torch.ones(1, P, dtype=torch.bool)
-    p_pos, c_pos = torch.arange(P)[None], P + torch.arange(N)[None]
-    key_valid = torch.ones(1, P + N, dtype=torch.bool)
-    predict = {mode: eng._predictor(prompt, valid, p_pos, c_pos, key_valid, mode, {0}) for mode in ("exact", "window")}
+    predict = _predictors(eng, enc, ("exact", "window"))
+    canvas = torch.tensor([enc.canvas])
     cols = torch.arange(*span)
     canvas[0, cols[::3]] = 65  # some of the span committed already
     for step, c in [(0, cols), (1, cols[1:-2]), (2, cols[::2])]:
         torch.testing.assert_close(predict["window"](canvas, step, c), predict["exact"](canvas, step, c))
 
 
-def test_window_cache_fills_every_position():
-    """K calls and no mask left, the lead and the tail each running their own span."""
+@pytest.mark.parametrize("shift", [True, False])
+def test_rolling_cache_runs_the_span_and_keeps_the_rest(shift):
+    """The rolling cache: a step that asks only for reply positions runs only those it reads and those changed
+    since they last ran. With every kept position current its logits equal the exact cache's; a step asking
+    for a position outside the reply, or a span past three quarters of the canvas, runs the whole canvas."""
+    eng = make_tiny_engine(shift=shift)
+    enc = eng.encode(Turn(QUESTIONS[1]))
+    predict = _predictors(eng, enc, ("exact", "rolling"))
+    canvas, N = torch.tensor([enc.canvas]), len(enc.canvas)
+    in_reply = torch.tensor(enc.field) == 1
+    calls = []
+    eng.model.layers[0].register_forward_hook(lambda m, i, o: calls.append(i[0].shape[1]))
+
+    def rolling(step: int, cols: torch.Tensor) -> int:
+        """Checks the rolling cache's logits against the exact cache's; returns the canvas positions it ran."""
+        calls.clear()
+        got = predict["rolling"](canvas, step, cols)
+        ran = calls[-1]
+        torch.testing.assert_close(got, predict["exact"](canvas, step, cols))
+        return ran
+
+    reply = in_reply.nonzero().flatten()
+    r0 = int(reply[0])
+    assert rolling(0, torch.arange(N)) == N
+    assert rolling(1, reply[3:7]) == 4
+    assert rolling(2, reply[[0, 2]]) == 3
+    assert rolling(3, torch.tensor([r0 - 3, r0])) == N, "a cleaned position asked for: the whole canvas"
+    canvas[0, [r0, r0 + 2]] = 65  # committed: those positions run again, with the ones read
+    calls.clear()
+    predict["rolling"](canvas, 4, reply[8:10])
+    assert calls[-1] == (r0 + 9 if shift else r0 + 10) - r0, calls
+    assert rolling(5, torch.arange(N)) == N
+
+
+@pytest.mark.parametrize("cache", ["window", "rolling"])
+@pytest.mark.parametrize("frontier", [0, 3])
+def test_span_caches_fill_every_position(cache, frontier):
+    """At most K calls and no mask left, each call running its own span."""
     eng = make_tiny_engine()
     for q in QUESTIONS:
         before = eng.forward_calls
-        out = eng.generate([eng.encode(Turn(q))], SamplerOptions(steps=8), cache="window")
+        out = eng.generate([eng.encode(Turn(q))], SamplerOptions(steps=8, reply_frontier=frontier), cache=cache)
         assert eng.forward_calls - before <= 8 and eng.cfg.mask_id not in out[0]
 
 
@@ -111,7 +181,7 @@ def test_threshold_schedule_finishes_within_k(tiny_engine, lead, calls):
     finished early hands its steps to the next (the lead's two blocks: two calls)."""
     enc = tiny_engine.encode(Turn(QUESTIONS[3]))
     before = tiny_engine.forward_calls
-    opts = SamplerOptions(steps=8, schedule="threshold", threshold=0.0, lead_tokens=lead, no_repeat=False,
+    opts = SamplerOptions(steps=8, schedule="threshold", threshold=0.0, lead_tokens=lead, reply_frontier=0, no_repeat=False,
                           no_adjacent=0, end_confidence=0)
     out = tiny_engine.generate([enc], opts)
     assert tiny_engine.forward_calls - before == calls
@@ -494,9 +564,11 @@ def _scripted_predict(target: torch.Tensor, V: int, seed: int):
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_settled_reply_only_grows_and_is_a_prefix_of_the_result(seed):
+@pytest.mark.parametrize("frontier", [0, 4])
+def test_settled_reply_only_grows_and_is_a_prefix_of_the_result(seed, frontier):
     """Whatever order the pass commits in, what `settled_reply` says at each step is whole sentences that the
-    final reply starts with; with the lead on it is there by the end of the lead's steps."""
+    final reply starts with; with the lead on (and the reply paced with it) it is there by the end of the
+    lead's steps."""
     from dllm.canvas import settled_reply
     from dllm.sampler import denoise
     tok = make_tiny_engine().tok
@@ -507,8 +579,8 @@ def test_settled_reply_only_grows_and_is_a_prefix_of_the_result(seed):
     field = torch.tensor([-1] * len(label) + [1] * (len(reply) + 3))
     target = torch.tensor(label + reply + [end] * 3)
     for lead in (0, len(tok.encode(" Hi there. The"))):
-        opts = SamplerOptions(steps=6, lead_tokens=lead, lead_steps=3 if lead else None, no_repeat=False,
-                              no_adjacent=0, end_confidence=0)
+        opts = SamplerOptions(steps=6, lead_tokens=lead, lead_steps=3 if lead else None, reply_frontier=frontier,
+                              no_repeat=False, no_adjacent=0, end_confidence=0)
         seen = []
         out = denoise(_scripted_predict(target, tok.vocab_size, seed), canvas, mask, field, end, opts,
                       on_step=lambda s, c: seen.append(settled_reply(c[0].tolist(), field.tolist(), tok, mask)))
@@ -517,8 +589,33 @@ def test_settled_reply_only_grows_and_is_a_prefix_of_the_result(seed):
         assert all(a == "" or b.startswith(a) for a, b in zip(seen, seen[1:])), seen
         assert all(s in ("", "Hi there.", "Hi there. The pool opens at 9.30 am.") for s in seen), seen
         assert seen[-1] == "Hi there. The pool opens at 9.30 am.", "the trailing fragment is not whole"
-        if lead:
+        if lead and not frontier:
             assert seen[2] != "", "with the lead, the first sentence is settled after the lead's steps"
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("sure", [False, True])
+def test_reply_frontier_writes_the_reply_from_its_left_edge(seed, sure):
+    """With `reply_frontier` W, each step but the last commits reply positions only among the first W still
+    open: the one the model is surest of, and all W when it is sure of them; the last step fills the rest."""
+    from dllm.sampler import denoise
+    tok = make_tiny_engine().tok
+    mask, end = tok.mask_id, tok.end_id
+    reply = tok.encode(" Hi there. The pool opens at 9.30 am.")
+    canvas = torch.tensor([[mask] * (len(reply) + 3)])
+    field = torch.ones(canvas.shape[1], dtype=torch.long)
+    target = torch.tensor(reply + [end] * 3)
+    predict = _scripted_predict(target, tok.vocab_size, seed)
+    if sure:  # confidence above the threshold everywhere
+        predict = (lambda p: lambda c, step, cols: p(c, step, cols) * 10)(predict)
+    opts = SamplerOptions(steps=8, lead_tokens=0, reply_frontier=3, no_repeat=False, no_adjacent=0, end_confidence=0)
+    seen = [canvas[0].tolist()]
+    out = denoise(predict, canvas, mask, field, end, opts, on_step=lambda s, c: seen.append(c[0].tolist()))
+    assert decode_field(out[0].tolist(), field.tolist(), 1, tok, mask) == "Hi there. The pool opens at 9.30 am."
+    for before, after in zip(seen[:-2], seen[1:-1]):
+        open_ = [i for i, t in enumerate(before) if t == mask]
+        new = [i for i in open_ if after[i] != mask]
+        assert new == open_[:3] if sure else (len(new) == 1 and new[0] in open_[:3]), (new, open_[:3])
 
 
 def test_settled_reply_waits_for_the_token_after_a_full_stop():
@@ -540,7 +637,7 @@ def test_lead_commits_the_cleaned_field_and_the_reply_start_first(tiny_engine):
     enc = tiny_engine.encode(Turn(QUESTIONS[0]))
     mask_id = tiny_engine.cfg.mask_id
     seen = []
-    opts = SamplerOptions(steps=8, lead_tokens=10, fill_after_end=False)
+    opts = SamplerOptions(steps=8, lead_tokens=10, reply_frontier=0, fill_after_end=False)
     tiny_engine.generate([enc], opts, on_step=lambda s, c: seen.append(c[0].tolist()))
     field = torch.tensor(enc.field)
     reply = (field == 1).nonzero().flatten()
@@ -553,10 +650,13 @@ def test_lead_commits_the_cleaned_field_and_the_reply_start_first(tiny_engine):
 def test_lead_options_are_checked():
     with pytest.raises(RequestError, match="lead_steps"):
         SamplerOptions(steps=8, lead_tokens=8, lead_steps=8)
+    with pytest.raises(RequestError, match="reply_frontier"):
+        SamplerOptions(reply_frontier=-1)
     from dllm.sampler import pass_spans, uses_lead
     turn = torch.tensor([-1] + [0] * 8 + [-1] + [1] * 32)  # a voice turn's fields
-    assert pass_spans(SamplerOptions(steps=8, lead_tokens=8), turn) == [6, 2]
-    assert pass_spans(SamplerOptions(steps=4, lead_tokens=8), turn) == [3, 1]
+    assert pass_spans(SamplerOptions(steps=8, lead_tokens=8), turn) == [4, 4], "the frontier paces the reply"
+    assert pass_spans(SamplerOptions(steps=8, lead_tokens=8, reply_frontier=0), turn) == [6, 2]
+    assert pass_spans(SamplerOptions(steps=4, lead_tokens=8, reply_frontier=0), turn) == [3, 1]
     assert pass_spans(SamplerOptions(steps=8, lead_tokens=8, lead_steps=5), turn) == [5, 3]
     assert pass_spans(SamplerOptions(steps=8, lead_tokens=8, blocks=4), turn) == [2, 2, 2, 2], "blocks replace the lead"
     assert not uses_lead(SamplerOptions(steps=8, lead_tokens=8, blocks=2), turn)

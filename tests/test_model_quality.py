@@ -12,6 +12,7 @@ import pytest
 
 from dllm import Turn
 from dllm.eval.scoring import accepted, reply_problem, strip_fillers, wer
+from dllm.training.talk import DONT_KNOW
 
 CLEANUP = [  # (raw as a recogniser writes it, clean reference)
     ("um so where is the the nearest pharmacy", "Where is the nearest pharmacy?"),
@@ -28,16 +29,25 @@ NOT_YET = pytest.mark.xfail(reason="the shipped adapter still garbles this reply
 CARD_QUESTIONS = [  # (question, strings of which the reply must hold one)
     ("um what time do you close", ["8", "eight"]),
     pytest.param("which day are you closed", ["monday"], marks=NOT_YET),
-    pytest.param("when is story time", ["11", "eleven", "friday"], marks=NOT_YET),
+    ("when is story time", ["11", "eleven", "friday"]),
     ("is there a swimming pool", ["don't know", "do not know", "sorry", "not sure"]),
 ]
 TALK = [  # no card
     ("hi there", ["hello", "hi"]),
     ("thanks a lot", ["welcome", "glad", "happy"]),
-    pytest.param("what's the population of brazil", ["don't know", "do not know", "sorry", "not sure", "don't have"],
-                 marks=NOT_YET),
+    ("what's the population of brazil", ["don't know", "do not know", "sorry", "not sure", "don't have"]),
     ("please turn off the lights", ["can't", "cannot", "not able"]),
 ]
+
+
+# The bench's spoken questions as Whisper heard them (voice.bench), with no card: each deserves one of the
+# honest replies the model was taught, word for word. Few-step decoding used to splice two of them together
+# ("I'm sorry, I sorry.", "I don't, sorry.", "Sorry, I don't have.").
+HEARD = ["What time does the library open on Saturday?", "Where is the nearest bus stop?",
+         "Is the museum open on Mondays?", "How much does a ticket for the zoo cost?",
+         "What is the weather going to be like tomorrow?", "Do you know when the next very leaves?",
+         "which floors the children section on.", "Can I bring my dog into the park?",
+         "How late is the swimming pool open tonight?", "Where do I pay for parking?"]
 
 
 @pytest.fixture(scope="module")
@@ -77,3 +87,10 @@ def test_small_talk_fits(engine, said, accept):
     out = engine.respond_sync(Turn(said))
     assert reply_problem(out.reply) is None, out.reply
     assert accepted(out.reply, accept), out.reply
+
+
+@pytest.mark.parametrize("heard", HEARD)
+def test_unanswerable_question_gets_a_whole_honest_reply(engine, heard):
+    """A factual question with no card gets one of the taught "I don't know" replies, not a splice of two."""
+    out = engine.respond_sync(Turn(heard))
+    assert out.reply in DONT_KNOW, out.reply

@@ -4,7 +4,8 @@
     python -m voice.bench --n 10 --url ws://127.0.0.1:8765
     python -m voice.bench --n 10 --lead 0,12      # without and with the early first sentence, same models
     python -m voice.bench --n 10 --pause-ms 0,200 # waiting for the endpoint, or starting at a pause
-    python -m voice.bench --n 10 --cache exact,window  # each step on the whole canvas, or on the block's span
+    python -m voice.bench --n 10 --cache exact,rolling  # each step on the whole canvas, or on the span it needs
+    python -m voice.bench --n 10 --frontier 0,4   # the reply paced with its block, or written from its left edge
     python -m voice.bench --n 10 --peer --peer-python PEER/bin/python  # then Pipecat + llama.cpp (voice.peer_bench)
 
 Each of N questions (a fixed list, spoken by piper and resampled to 16 kHz)
@@ -216,7 +217,7 @@ async def _main(args: argparse.Namespace) -> int:
     # Variants run in turn on the same loaded models: the sampler's lead, or the pause that starts a turn.
     variants: list[tuple[str, str, int | str]] = []
     for name, value in (("lead_tokens", args.lead), ("lead_steps", args.lead_steps), ("pause_ms", args.pause_ms),
-                        ("cache", args.cache)):
+                        ("cache", args.cache), ("reply_frontier", args.frontier)):
         if value is not None and server is None:
             print(f"{name} variants need the in-process server; ignored")
         elif value is not None:
@@ -224,7 +225,7 @@ async def _main(args: argparse.Namespace) -> int:
     runs: dict[str, list[TurnSample]] = {}
     try:
         for label, name, value in variants or [("the server's default", "", 0)]:
-            if name in ("lead_tokens", "lead_steps"):
+            if name in ("lead_tokens", "lead_steps", "reply_frontier"):
                 engine = services.engine
                 engine.options = replace(engine.options, sampler=replace(engine.options.sampler, **{name: value}))
             elif name == "cache":
@@ -303,7 +304,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lead-steps", help="comma list of SamplerOptions.lead_steps to run in turn (in-process server): "
                                         "the steps after which the reply's first sentence is final")
     p.add_argument("--cache", help="comma list of the engine's cache modes to run in turn (in-process server), "
-                                   "e.g. exact,window: each step runs the whole canvas, or only the block's span")
+                                   "e.g. exact,rolling: each step runs the whole canvas, or only the span it needs")
+    p.add_argument("--frontier", help="comma list of SamplerOptions.reply_frontier to run in turn (in-process server), "
+                                      "e.g. 0,4: the reply paced with its block, or written from its left edge")
     p.add_argument("--pause-ms", help="comma list of asr.VADOptions.pause_ms to run in turn (in-process server), "
                                       "e.g. 0,200: the turn waits for the endpoint, or starts at a 200 ms pause")
     p.add_argument("--peer", action="store_true",

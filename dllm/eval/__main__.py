@@ -192,6 +192,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--copy-penalty", default=None,
                    help="SamplerOptions.copy_clean_penalty: 'ban' (the default) or how much lower the logits of words "
                         "not in the raw transcript are; a comma list gives a row for each")
+    p.add_argument("--frontier", default=None,
+                   help="SamplerOptions.reply_frontier: 0 (the reply paced with its block) or how many of its first open "
+                        "positions a step may commit from; a comma list gives a row for each")
     p.add_argument("--sets", default="held-out,dev", help="comma list of held-out, dev")
     p.add_argument("--heldout", default="data/heldout.jsonl")
     p.add_argument("--limit", type=int, default=0, help="at most this many rows per set part (0: all)")
@@ -220,8 +223,10 @@ def main(argv: list[str] | None = None) -> None:
     caches = [None] if args.cache is None else args.cache.split(",")
     default_cache = engine.cache_mode
     penalties = [None] if args.copy_penalty is None else args.copy_penalty.split(",")
+    frontiers = [None] if args.frontier is None else [int(x) for x in args.frontier.split(",")]
     steps = [int(x) for x in args.steps.split(",")]
-    for k, lead, first, cache, penalty in itertools.product(steps, leads, lead_steps, caches, penalties):
+    for k, lead, first, cache, penalty, frontier in itertools.product(steps, leads, lead_steps, caches, penalties,
+                                                                      frontiers):
         engine.cache_mode = cache or default_cache
         base = replace(engine.options.sampler, steps=k)
         if lead is not None:
@@ -230,6 +235,8 @@ def main(argv: list[str] | None = None) -> None:
             base = replace(base, lead_steps=first)
         if penalty is not None:
             base = replace(base, copy_clean_penalty=None if penalty == "ban" else float(penalty))
+        if frontier is not None:
+            base = replace(base, reply_frontier=frontier)
         for label, sampler in guard_variants(args.guards, base):
             if lead is not None:
                 label = f"{label}, lead {lead}"
@@ -239,6 +246,8 @@ def main(argv: list[str] | None = None) -> None:
                 label = f"{label}, {cache} cache"
             if penalty is not None:
                 label = f"{label}, copy {penalty}"
+            if frontier is not None:
+                label = f"{label}, frontier {frontier}"
             results = evaluate(engine, sets, sampler)
             rows.append({"steps": k, "guards": label, "lead_tokens": sampler.lead_tokens, "results": results})
             if not args.json:

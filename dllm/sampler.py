@@ -15,8 +15,9 @@ Optional semi-autoregressive blocks fill the canvas left to right, K / blocks
 steps each. The lead is a two-block order for the voice turn: the cleaned field
 and the reply's first few tokens first, so the first sentence can be spoken
 before the pass ends. The reply frontier writes the reply from its left edge, a
-token or a few sure ones a step, so its words come from one way of saying it. Everything is batched with static shapes: per-row quotas become a
-rank comparison, never a Python loop over rows or a host sync inside a step.
+token or a few sure ones a step, so its words come from one way of saying it.
+Everything is batched with static shapes: per-row quotas become a rank
+comparison, never a Python loop over rows or a host sync inside a step.
 """
 from __future__ import annotations
 

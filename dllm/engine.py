@@ -192,14 +192,16 @@ class Engine:
         positions. The whole canvas runs through the blocks; only the positions the sampler may commit
         this step go through the LM head (a fifth of a step's work per position, at SmolLM2's size).
         The approximate cache refreshes the prompt at `block_starts`, the steps that open a block.
-        `prompt_kv`: the prompt's keys and values and its last hidden row, computed already
-        (`_prompt_cache`); otherwise the exact and window caches compute them from `prompt`.
+        `prompt_kv`: the prompt's keys and values and its last hidden row (`_prompt_cache`), which the
+        exact, window and rolling caches read; `prompt` and `p_pos` serve the approx and none modes.
         `in_reply` (N,): the canvas positions of the reply field (the rolling cache's spans stay in it)."""
         model, shift, P = self.model, self.cfg.shift_logits, valid.shape[1]
         if in_reply is None:
             in_reply = torch.zeros(c_pos.shape[1], dtype=torch.bool, device=c_pos.device)
         state: dict[str, object] = {}
-        if prompt_kv is not None:
+        if cache in PREFIX_CACHES:
+            if prompt_kv is None:
+                raise RequestError(f"the {cache} cache reads the prompt's keys and values: pass prompt_kv")
             state["kv"], state["last"] = prompt_kv
 
         def rows(h: Tensor, last: Tensor) -> Tensor:
@@ -217,14 +219,8 @@ class Engine:
             h, _ = model.hidden(canvas, c_pos, prefix_len=P, key_valid=key_valid, cache=state["kv"])
             return rows(h, state["last"])
 
-        def cache_prompt() -> None:
-            if "kv" not in state:
-                h, kv = model.hidden(prompt, p_pos, prefix_len=P, key_valid=valid, save_cache=True)
-                state["kv"], state["last"] = kv, h[:, -1:]
-
         def exact(canvas: Tensor, step: int, cols: Tensor) -> Tensor:
             self.forward_calls += 1
-            cache_prompt()
             return model.lm_head(with_cache(canvas)[:, cols])
 
         def window(canvas: Tensor, step: int, cols: Tensor) -> Tensor:
@@ -233,7 +229,6 @@ class Engine:
             as it was then (Fast-dLLM's dual cache). In the lead that rest is the reply's tail, still all
             masks; in the tail it is the lead, committed already."""
             self.forward_calls += 1
-            cache_prompt()
             lo, hi = int(cols[0]), int(cols[-1]) + 1
             if step in block_starts or "span" not in state or lo < state["span"][0] or hi > state["span"][1]:
                 h, kv = model.hidden(canvas, c_pos, prefix_len=P, key_valid=key_valid, cache=state["kv"],
@@ -244,11 +239,10 @@ class Engine:
                 def keep(prompt_part: list[Tensor], canvas_part: list[Tensor]) -> list[Tensor]:
                     return [torch.cat([p, c[:, :, rest]], dim=2) for p, c in zip(prompt_part, canvas_part)]
                 state["rest"] = KVCache(keep(state["kv"].keys, kv.keys), keep(state["kv"].values, kv.values))
-                state["rest_valid"] = torch.cat([valid, key_valid.new_ones(len(canvas), len(rest) + hi - first)], dim=1)
                 return model.lm_head(rows(h, state["last"])[:, cols])
             first, end = state["first"], state["span"][1]
             h, _ = model.hidden(canvas[:, first:end], c_pos[:, first:end], prefix_len=state["rest"].length,
-                                key_valid=state["rest_valid"], cache=state["rest"])
+                                key_valid=key_valid, cache=state["rest"])  # the prompt, the rest, the span: P + N
             # Row i of h is canvas position first + i. With shifted logits position j is read from row j - 1,
             # and position 0 from the prompt's last row.
             if not shift:
@@ -267,7 +261,6 @@ class Engine:
             span (the cleaned field, and a cleanup canvas, are written as with the exact cache), and a
             span of most of the canvas runs the whole canvas."""
             self.forward_calls += 1
-            cache_prompt()
             n = canvas.shape[1]
             first, last_col = int(cols[0]), int(cols[-1])
             lo, hi = (max(first - 1, 0), max(last_col, 1)) if shift else (first, last_col + 1)  # rows read
@@ -284,8 +277,9 @@ class Engine:
             outside = lambda p, c: torch.cat([p, c[:, :, :lo], c[:, :, hi:]], dim=2)  # noqa: E731
             rest = KVCache([outside(p, c) for p, c in zip(pkv.keys, ckv.keys)],
                            [outside(p, c) for p, c in zip(pkv.values, ckv.values)])
-            span_valid = torch.cat([valid, key_valid.new_ones(len(canvas), n)], dim=1)  # the rest, then the span
-            h, kv = model.hidden(canvas[:, lo:hi], c_pos[:, lo:hi], prefix_len=rest.length, key_valid=span_valid,
+            # The keys are the prompt, the rest of the canvas, then the span: P + N of them, all real past the
+            # prompt, as key_valid already says.
+            h, kv = model.hidden(canvas[:, lo:hi], c_pos[:, lo:hi], prefix_len=rest.length, key_valid=key_valid,
                                  cache=rest, save_cache=True)
             for kept, new in zip(ckv.keys + ckv.values, kv.keys + kv.values):
                 kept[:, :, lo:hi] = new

@@ -91,10 +91,13 @@ def test_approximate_cache_for_bidirectional_model():
 
 def _predictors(eng, enc, modes: tuple[str, ...]) -> dict:
     """The engine's per-step function for one encoded turn, in each cache mode (the first step opens a block)."""
-    P, N = len(enc.prompt), len(enc.canvas)
-    valid, key_valid = torch.ones(1, P, dtype=torch.bool), torch.ones(1, P + N, dtype=torch.bool)
-    return {mode: eng._predictor(torch.tensor([enc.prompt]), valid, torch.arange(P)[None], P + torch.arange(N)[None],
-                                 key_valid, mode, {0}, in_reply=torch.tensor(enc.field) == 1) for mode in modes}
+    with torch.inference_mode():
+        prompt_kv, valid = eng._prompt_cache([enc])
+    P, N = valid.shape[1], len(enc.canvas)
+    key_valid = torch.cat([valid, torch.ones(1, N, dtype=torch.bool)], dim=1)
+    c_pos = valid.sum(-1, keepdim=True) + torch.arange(N)
+    return {mode: eng._predictor(None, valid, None, c_pos, key_valid, mode, {0}, prompt_kv=prompt_kv,
+                                 in_reply=torch.tensor(enc.field) == 1) for mode in modes}
 
 
 @pytest.mark.parametrize("shift", [True, False])

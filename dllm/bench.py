@@ -37,6 +37,7 @@ from dataclasses import replace
 
 import torch
 
+from . import PRECISIONS, default_dtype, default_precision
 from .chat import CHATML
 from .engine import Engine
 from .model import PRESETS, Transformer
@@ -203,10 +204,13 @@ def llama_side_by_side(eng: Engine, model_path: str, steps: int, threads: int, r
     print(f"ours / llama.cpp: {ours / total:.2f}x (below 1: ours is faster)")
 
 
-def load(model: str, device: str, dtype: torch.dtype) -> Engine:
+def load(model: str, device: str, precision: str) -> Engine:
     if model == "default":
         from . import load_engine
-        return load_engine(device=device, dtype=dtype)
+        return load_engine(device=device, precision=precision)
+    if precision == "int8":
+        raise SystemExit("int8 calibrates on real turns: use it with the default model")
+    dtype = getattr(torch, precision)
     if model not in PRESETS:
         raise SystemExit(f"unknown model {model!r}: use 'default' or one of {sorted(PRESETS)}")
     from .tokenizer import Tokenizer
@@ -223,8 +227,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="default", help="'default' or a preset name (random weights)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
-                    help="auto: bf16 where the device has fast bf16, else float32")
+    ap.add_argument("--precision", default="auto", choices=PRECISIONS,
+                    help="auto: bf16 where the device has fast bf16, else int8 on a CPU (float32 on other devices)")
     ap.add_argument("--canvas", type=int, nargs="+", default=[64, 256])
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--prompt", type=int, default=128, help="prompt tokens")
@@ -241,21 +245,20 @@ def main(argv: list[str] | None = None) -> None:
         ap.error("--llama compares the default model with llama.cpp on its GGUF: leave --model out")
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.dtype == "auto":
-        from . import default_dtype
-        args.dtype = str(default_dtype(args.device)).removeprefix("torch.")
-    dtype = getattr(torch, args.dtype)
+    if args.precision == "auto":  # int8 calibrates on real turns: the random-weight presets keep float weights
+        args.precision = default_precision(args.device) if args.model == "default" else \
+            str(default_dtype(args.device)).removeprefix("torch.")
     print(f"loading {args.model} on {args.device} ...", file=sys.stderr, flush=True)
-    eng = load(args.model, args.device, dtype)
+    eng = load(args.model, args.device, args.precision)
     n_params = sum(p.numel() for p in eng.model.parameters())
-    weight_bytes = n_params * torch.finfo(dtype).bits // 8
+    weight_bytes = n_params * (1 if args.precision == "int8" else torch.finfo(getattr(torch, args.precision)).bits // 8)
     bw = memory_bandwidth(eng.device)
     floor_ms = weight_bytes / bw * 1000
     opts = SamplerOptions(steps=args.steps)
     dev_name = torch.cuda.get_device_name() if eng.device.type == "cuda" else \
         f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     print(f"command: python -m dllm.bench {' '.join(argv if argv is not None else sys.argv[1:])}")
-    print(f"model: {eng.name}, {n_params / 1e6:.1f}M parameters, {args.dtype}; device: {dev_name}")
+    print(f"model: {eng.name}, {n_params / 1e6:.1f}M parameters, {args.precision}; device: {dev_name}")
     print(f"memory bandwidth {bw / 1e9:.1f} GB/s; floor per step {floor_ms:.2f} ms "
           f"({weight_bytes / 1e6:.0f} MB of weights); K = {args.steps}, prompt {args.prompt} tokens")
     if args.no_grid:

@@ -98,8 +98,10 @@ class _Pending:
 
 class Engine:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, chat: ChatFormat, *,
-                 options: EngineOptions = EngineOptions(), name: str = "model"):
+                 options: EngineOptions = EngineOptions(), name: str = "model", canvas_model: Transformer | None = None):
         self.model = model.eval()
+        # The canvas steps may run a cheaper copy of the model (int8 weights, dllm.quantize); the prompt runs `model`.
+        self.canvas_model = (canvas_model or model).eval()
         self.tok = tokenizer
         self.chat = chat
         self.options = options
@@ -195,7 +197,7 @@ class Engine:
         `prompt_kv`: the prompt's keys and values and its last hidden row (`_prompt_cache`), which the
         exact, window and rolling caches read; `prompt` and `p_pos` serve the approx and none modes.
         `in_reply` (N,): the canvas positions of the reply field (the rolling cache's spans stay in it)."""
-        model, shift, P = self.model, self.cfg.shift_logits, valid.shape[1]
+        model, shift, P = self.canvas_model, self.cfg.shift_logits, valid.shape[1]
         if in_reply is None:
             in_reply = torch.zeros(c_pos.shape[1], dtype=torch.bool, device=c_pos.device)
         state: dict[str, object] = {}

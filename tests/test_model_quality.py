@@ -1,7 +1,8 @@
 """What the shipped voice model writes, checked on fixed items (not only that it wrote a string).
 
 The packaged base with the shipped adapter, the default K and greedy decoding,
-so the outputs repeat run to run. An adapter that writes nothing, repeats
+so the outputs repeat run to run; at this machine's default precision and
+with int8 canvas steps (dllm.quantize). An adapter that writes nothing, repeats
 itself, cuts fields short or ignores the card fails here.
 """
 from __future__ import annotations
@@ -10,7 +11,7 @@ import re
 
 import pytest
 
-from dllm import Turn
+from dllm import Turn, default_precision, load_engine
 from dllm.eval.scoring import accepted, reply_problem, strip_fillers, wer
 from dllm.training.talk import DONT_KNOW
 
@@ -50,9 +51,15 @@ HEARD = ["What time does the library open on Saturday?", "Where is the nearest b
          "How late is the swimming pool open tonight?", "Where do I pay for parking?"]
 
 
-@pytest.fixture(scope="module")
-def engine(base_engine):
-    return base_engine
+# The default precision of this machine (bf16 where the CPU has bf16 units), and int8 (the default elsewhere).
+PRECISIONS = sorted({default_precision("cpu"), "int8"})
+
+
+@pytest.fixture(scope="module", params=PRECISIONS)
+def engine(request, base_engine):
+    if request.param == default_precision("cpu"):
+        return base_engine
+    return load_engine(precision=request.param)
 
 
 def adjacent_repeat(text: str) -> bool:

@@ -176,7 +176,9 @@ def machine() -> str:
     parts = [f"{cpu}, {os.cpu_count()} cores", f"Python {platform.python_version()}", platform.platform()]
     try:
         import torch
-        parts.append(f"torch {torch.__version__} ({torch.get_num_threads()} threads)")
+        from dllm import fast_bf16
+        parts.append(f"torch {torch.__version__} ({torch.get_num_threads()} threads, "
+                     f"{torch.backends.cpu.get_cpu_capability()}, bf16 {'fast' if fast_bf16('cpu') else 'slow'})")
         if torch.cuda.is_available():
             parts.append(f"GPU {torch.cuda.get_device_name(0)}")
     except ImportError:
@@ -207,11 +209,12 @@ async def _main(args: argparse.Namespace) -> int:
 
         adapter = None if args.adapter.lower() == "none" else args.adapter
         services = Services.load(ModelOptions(model=args.model, device=args.device, steps=args.steps,
-                                              threads=args.threads, adapter=adapter))
+                                              threads=args.threads, adapter=adapter, precision=args.precision))
         server = VoiceServer(services, ServerOptions(port=0))
         await server.start()
         url = server.url
-        print(f"server: in-process at {url} (model {getattr(services.engine, 'name', '?')}, K={args.steps})")
+        print(f"server: in-process at {url} (model {getattr(services.engine, 'name', '?')}, K={args.steps}, "
+              f"{args.precision} precision)")
     else:
         print(f"server: {url}")
     # Variants run in turn on the same loaded models: the sampler's lead, or the pause that starts a turn.
@@ -296,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--steps", type=int, default=8, help="denoising steps K (in-process server)")
     p.add_argument("--threads", type=int, help="CPU threads per model")
+    p.add_argument("--precision", default="auto", help="the dLLM's weights (in-process server): auto, float32, "
+                   "bfloat16 or int8")
     p.add_argument("--chunk-ms", type=int, default=20, help="audio per frame (default 20)")
     p.add_argument("--speed", type=float, default=1.0, help="1.0 sends audio in real time")
     p.add_argument("--json", metavar="FILE", help="also write every turn's sample here")

@@ -42,6 +42,8 @@ def _add_model_options(p: argparse.ArgumentParser, *, asr: bool = True, tts: boo
                    "(default: the shipped voice adapter for the packaged model)")
     g.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     g.add_argument("--steps", type=int, default=8, metavar="K", help="denoising steps per turn (default: 8)")
+    g.add_argument("--precision", default="auto", choices=("auto", "float32", "bfloat16", "float16", "int8"),
+                   help="the dLLM's weights (default: auto: bf16 where the device has fast bf16, else int8 on a CPU)")
     g.add_argument("--threads", type=int, metavar="N", help="CPU threads per model (default: all)")
     if asr:
         g.add_argument("--asr-model", metavar="DIR", help="CTranslate2 Whisper directory (default: packaged tiny.en)")
@@ -182,8 +184,8 @@ def _model_options(args: argparse.Namespace):
     if bulk is None and args.command == "serve" and args.device == "cpu":
         bulk = 4  # on a CPU a batch costs about its rows times one request: keep voice turns' wait short
     return ModelOptions(model=args.model, device=args.device, steps=args.steps, adapter=adapter,
-                        asr_model=getattr(args, "asr_model", None), voice=getattr(args, "voice", None),
-                        threads=args.threads, bulk_batch=bulk)
+                        precision=args.precision, asr_model=getattr(args, "asr_model", None),
+                        voice=getattr(args, "voice", None), threads=args.threads, bulk_batch=bulk)
 
 
 def _knowledge(value: str | None) -> str | None:

@@ -45,6 +45,8 @@ class ModelOptions:
         adapter: a LoRA adapter directory to merge; "default" leaves the
             choice to `dllm.load_engine` (the shipped voice adapter for the
             packaged model); None loads the bare base.
+        precision: the dLLM's weights, one of `dllm.PRECISIONS`; "auto" is
+            bf16 where the device has fast bf16, else int8 on a CPU.
     """
 
     model: str | Path | None = None
@@ -56,6 +58,7 @@ class ModelOptions:
     batch_window_ms: float | None = None  # None: the engine's default
     bulk_batch: int | None = None
     adapter: str | Path | None = "default"  # "default": dllm's choice (the shipped voice adapter); None: bare
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
@@ -125,14 +128,15 @@ def load_engine(options: ModelOptions, times: dict[str, float] | None = None):
         log.warning("torch was imported before --threads %d could apply (it uses %d); set OMP_NUM_THREADS instead",
                     options.threads, torch.get_num_threads())
     name = str(options.model) if options.model else "the packaged SmolLM2 dLLM"
-    with _timed(f"dLLM ({name}, {options.device}, K={options.steps})", times):
+    with _timed(f"dLLM ({name}, {options.device}, {options.precision} precision, K={options.steps})", times):
         try:
             engine_options = EngineOptions(sampler=SamplerOptions(steps=options.steps))
             if options.batch_window_ms is not None:
                 engine_options = replace(engine_options, batch_window_ms=options.batch_window_ms)
             engine_options = replace(engine_options, max_bulk_batch=options.bulk_batch)
             kw: dict[str, Any] = {} if options.adapter == "default" else {"adapter": options.adapter}
-            return dllm.load_engine(options.model, device=options.device, options=engine_options, **kw)
+            return dllm.load_engine(options.model, device=options.device, precision=options.precision,
+                                    options=engine_options, **kw)
         except dllm.DLLMError as e:
             raise ServiceLoadError("dLLM", str(e)) from e
 

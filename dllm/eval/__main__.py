@@ -62,17 +62,14 @@ def load_sets(names: list[str], heldout: Path) -> dict[str, dict[str, list[dict]
     return sets
 
 
-def load_engine_for_eval(adapter: Path | None, threads: int, device: str = "cpu"):
-    """The packaged SmolLM2 with `adapter` merged (bf16 where fast), wrapped in an Engine on `device`."""
+def load_engine_for_eval(adapter: Path | None, threads: int, device: str = "cpu", precision: str = "auto"):
+    """The packaged SmolLM2 with `adapter` merged, wrapped in an Engine on `device` at `precision`."""
     import torch
 
-    from .. import default_dtype
-    from ..engine import Engine
+    from .. import place
     from ..loaders import load_model
     torch.set_num_threads(threads)
-    loaded = load_model(None, adapter=adapter)
-    net = loaded.model.to(device=device, dtype=default_dtype(device))
-    return Engine(net, loaded.tokenizer, loaded.chat, name=loaded.source)
+    return place(load_model(None, adapter=adapter), device, precision)
 
 
 def evaluate(engine, sets: dict, sampler) -> dict:
@@ -201,6 +198,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--latency", default="", help="K values to time (e.g. 4,8,16), or '' to skip")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--precision", default="auto",
+                   help="the model's weights: auto (bf16 where fast, else int8 on a CPU), float32, bfloat16 or int8; "
+                        "a comma list gives a row for each")
     p.add_argument("--examples", type=int, default=4, help="examples to print per set part")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = p.parse_args(argv)
@@ -208,7 +208,6 @@ def main(argv: list[str] | None = None) -> None:
     sets = load_sets(args.sets.split(","), Path(args.heldout))
     if args.limit:
         sets = {n: {k: v[:args.limit] for k, v in d.items()} for n, d in sets.items()}
-    engine = load_engine_for_eval(adapter, args.threads, args.device)
     meta = {"adapter": str(adapter)}
     if adapter is not None and (adapter / "adapter.json").is_file():
         info = json.loads((adapter / "adapter.json").read_text())
@@ -221,12 +220,15 @@ def main(argv: list[str] | None = None) -> None:
     leads = [None] if args.lead is None else [int(x) for x in args.lead.split(",")]
     lead_steps = [None] if args.lead_steps is None else [int(x) for x in args.lead_steps.split(",")]
     caches = [None] if args.cache is None else args.cache.split(",")
-    default_cache = engine.cache_mode
     penalties = [None] if args.copy_penalty is None else args.copy_penalty.split(",")
     frontiers = [None] if args.frontier is None else [int(x) for x in args.frontier.split(",")]
     steps = [int(x) for x in args.steps.split(",")]
-    for k, lead, first, cache, penalty, frontier in itertools.product(steps, leads, lead_steps, caches, penalties,
-                                                                      frontiers):
+    engine, loaded = None, None
+    for precision, k, lead, first, cache, penalty, frontier in itertools.product(
+            args.precision.split(","), steps, leads, lead_steps, caches, penalties, frontiers):
+        if loaded != precision:
+            engine, loaded = load_engine_for_eval(adapter, args.threads, args.device, precision), precision
+            default_cache = engine.cache_mode
         engine.cache_mode = cache or default_cache
         base = replace(engine.options.sampler, steps=k)
         if lead is not None:
@@ -248,6 +250,8 @@ def main(argv: list[str] | None = None) -> None:
                 label = f"{label}, copy {penalty}"
             if frontier is not None:
                 label = f"{label}, frontier {frontier}"
+            if precision != "auto":
+                label = f"{label}, {precision}"
             results = evaluate(engine, sets, sampler)
             rows.append({"steps": k, "guards": label, "lead_tokens": sampler.lead_tokens, "results": results})
             if not args.json:

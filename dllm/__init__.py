@@ -60,7 +60,7 @@ def place(engine_parts, device: str, precision: str = "auto", options: EngineOpt
     """An Engine on `device` at `precision` from a `dllm.loaders.LoadedModel` (blocking; int8 calibrates, seconds).
 
     int8: the prompt runs in float32 and the canvas steps in int8 (`dllm.quantize`), after the float32 model's
-    input channels are smoothed with scales measured on a few turns (`dllm.quantize.CALIBRATION`)."""
+    input channels are smoothed with scales measured on a few turns (`dllm.quantize.make_int8`)."""
     if precision not in PRECISIONS:
         raise RequestError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if precision == "auto":

@@ -98,10 +98,11 @@ class _Pending:
 
 class Engine:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, chat: ChatFormat, *,
-                 options: EngineOptions = EngineOptions(), name: str = "model", canvas_model: Transformer | None = None):
+                 options: EngineOptions = EngineOptions(), name: str = "model"):
         self.model = model.eval()
-        # The canvas steps may run a cheaper copy of the model (int8 weights, dllm.quantize); the prompt runs `model`.
-        self.canvas_model = (canvas_model or model).eval()
+        # The canvas steps may run a cheaper copy of the model (int8 weights: dllm.quantize.make_int8 sets it);
+        # the prompt always runs `model`.
+        self.canvas_model = self.model
         self.tok = tokenizer
         self.chat = chat
         self.options = options

@@ -13,6 +13,7 @@ from tts import (
     TTSError,
     VoiceLoadError,
     float_to_pcm16,
+    lead_clause,
     pcm16_to_float,
     resample,
     split_sentences,
@@ -52,6 +53,18 @@ def synth() -> Synthesizer:
 def test_split_sentences(text: str, expected: list[str]) -> None:
     """split_sentences cuts at sentence ends and not at abbreviations, decimals or ellipses."""
     assert split_sentences(text) == expected
+
+
+@pytest.mark.parametrize("sentence, expected", [
+    ("I'm sorry, I don't know that.", ["I'm sorry,", "I don't know that."]),
+    ("Sorry, I can't make phone calls.", ["Sorry,", "I can't make phone calls."]),
+    ("Yes, sure.", ["Yes, sure."]),  # too little after the comma to be worth a piece of its own
+    ("The library opens at nine, and closes at six.", ["The library opens at nine, and closes at six."]),
+    ("Hello there.", ["Hello there."]),
+])
+def test_lead_clause(sentence: str, expected: list[str]) -> None:
+    assert lead_clause(sentence) == expected
+    assert " ".join(lead_clause(sentence)) == sentence  # what the user heard reads back as the sentence
 
 
 def test_sentence_buffer_streams_like_split() -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from .audio import RESAMPLE_QUALITY, float_to_pcm16, pcm16_to_float, resample
 from .errors import SynthesisError, TTSError, VoiceLoadError
 from .synth import Synthesizer, SynthesizerOptions
-from .text import SentenceBuffer, split_sentences
+from .text import SentenceBuffer, lead_clause, split_sentences
 
 __all__ = [
     "Synthesizer",
@@ -22,6 +22,7 @@ __all__ = [
     "VoiceLoadError",
     "SynthesisError",
     "split_sentences",
+    "lead_clause",
     "SentenceBuffer",
     "resample",
     "pcm16_to_float",

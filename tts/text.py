@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["split_sentences", "SentenceBuffer"]
+__all__ = ["split_sentences", "lead_clause", "SentenceBuffer"]
 
 # Lower-cased, without the final dot. "etc." and "no." are left out on
 # purpose: they end sentences more often than they sit inside one.
@@ -70,6 +70,28 @@ def split_sentences(text: str) -> list[str]:
     Empty or whitespace-only text gives an empty list.
     """
     return _pieces(text, _boundaries(text))
+
+
+def lead_clause(sentence: str, max_words: int = 4) -> list[str]:
+    """The sentence as [its short opening clause, the rest], or [sentence] when it has none.
+
+    A reply's first audio waits for piper to speak its first piece, and piper's
+    time grows with the text: "I'm sorry," takes 52 ms where "I'm sorry, I
+    don't know that." takes 118 (docs/BENCHMARKS.md). So the first sentence of
+    a reply may go out in two pieces, cut at its first comma when at most
+    `max_words` words come before it and at least two after; the rest is made
+    while the opening plays.
+
+    Example:
+        >>> lead_clause("I'm sorry, I don't know that.")
+        ["I'm sorry,", "I don't know that."]
+        >>> lead_clause("The library opens at nine, and closes at six.")
+        ['The library opens at nine, and closes at six.']
+    """
+    head, sep, tail = sentence.partition(", ")
+    if not sep or len(head.split()) > max_words or len(tail.split()) < 2:
+        return [sentence]
+    return [head + ",", tail]
 
 
 class SentenceBuffer:

@@ -258,7 +258,8 @@ class ReplyReady(Frame):
 
 @dataclass(eq=False)
 class SpeechChunk(Frame):
-    """One sentence of the reply, spoken: int16 mono at the session's output rate."""
+    """One sentence of the reply (or the opening clause of its first, `tts.lead_clause`), spoken: int16 mono at
+    the session's output rate."""
 
     turn: TurnRecord
     index: int

@@ -530,14 +530,17 @@ class TTSStage(_SessionStage):
 
     async def _say(self, record: TurnRecord, text: str) -> None:
         """Speak what of `text` has not been spoken yet (`record.said` is a prefix of it)."""
-        from tts import split_sentences
+        from tts import lead_clause, split_sentences
 
         if self.synthesizer is None or record.interrupted_at is not None:
             return
         from dllm.canvas import unsaid
 
         rest, record.said = unsaid(text, record.said), text
-        for sentence in split_sentences(rest):
+        pieces = split_sentences(rest)
+        if pieces and record.speech_started is None:  # the turn's first audio: its short opening clause alone
+            pieces[:1] = lead_clause(pieces[0])
+        for sentence in pieces:
             t0 = now()
             if record.speech_started is None:
                 record.speech_started = t0

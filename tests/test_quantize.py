@@ -43,6 +43,23 @@ def test_smoothing_keeps_the_function_and_helps_int8():
     assert smoothed_int8_error < 0.5 * plain_int8_error, (smoothed_int8_error, plain_int8_error)
 
 
+def test_int8_copy_fuses_products_that_share_an_input_without_changing_them():
+    """q, k, v and gate, up run as one product each; their input's int8 scale is shared, so nothing changes."""
+    import warnings
+
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+    torch.manual_seed(0)
+    model = outlier_model()
+    tokens = torch.randint(0, 500, (2, 24))
+    fused = int8_copy(model)
+    assert fused.layers[0].attn.qkv_proj is not None and not hasattr(fused.layers[0].attn, "q_proj")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        separate = quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear: per_channel_dynamic_qconfig},
+                                    dtype=torch.qint8)
+    torch.testing.assert_close(run(fused, tokens), run(separate, tokens), rtol=1e-5, atol=1e-5)
+
+
 def test_int8_engine_runs_the_canvas_in_int8_and_the_prompt_in_float32():
     engine = make_tiny_engine()
     make_int8(engine)

@@ -56,7 +56,7 @@ def default_precision(device: str) -> str:
     return "int8" if device == "cpu" else "float32"
 
 
-def place(engine_parts, device: str, precision: str = "auto", options: EngineOptions = EngineOptions()) -> Engine:
+def place(loaded, device: str, precision: str = "auto", options: EngineOptions = EngineOptions()) -> Engine:
     """An Engine on `device` at `precision` from a `dllm.loaders.LoadedModel` (blocking; int8 calibrates, seconds).
 
     int8: the prompt runs in float32 and the canvas steps in int8 (`dllm.quantize`), after the float32 model's
@@ -68,8 +68,8 @@ def place(engine_parts, device: str, precision: str = "auto", options: EngineOpt
     if precision == "int8" and device != "cpu":
         raise RequestError("int8 weights are for the CPU (fbgemm); use bfloat16 on a GPU")
     dtype = torch.float32 if precision == "int8" else getattr(torch, precision)
-    net = engine_parts.model.to(device=device, dtype=dtype)
-    engine = Engine(net, engine_parts.tokenizer, engine_parts.chat, options=options, name=engine_parts.source)
+    net = loaded.model.to(device=device, dtype=dtype)
+    engine = Engine(net, loaded.tokenizer, loaded.chat, options=options, name=loaded.source)
     if precision == "int8":
         from . import quantize
         quantize.make_int8(engine)

@@ -251,7 +251,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"loading {args.model} on {args.device} ...", file=sys.stderr, flush=True)
     eng = load(args.model, args.device, args.precision)
     n_params = sum(p.numel() for p in eng.model.parameters())
-    weight_bytes = n_params * (1 if args.precision == "int8" else torch.finfo(getattr(torch, args.precision)).bits // 8)
+    bytes_per_weight = 1 if args.precision == "int8" else torch.finfo(getattr(torch, args.precision)).bits // 8
+    weight_bytes = n_params * bytes_per_weight
     bw = memory_bandwidth(eng.device)
     floor_ms = weight_bytes / bw * 1000
     opts = SamplerOptions(steps=args.steps)

@@ -69,9 +69,14 @@ def channel_max(model: Transformer, run: Callable[[], object]) -> dict[str, Tens
     return seen
 
 
-def _scale(act: Tensor, weights: list[Tensor], alpha: float) -> Tensor:
-    w = torch.stack([x.abs().amax(0) for x in weights]).amax(0)  # each input channel's largest weight
-    return (act.clamp(min=1e-5) ** alpha / w.clamp(min=1e-5) ** (1 - alpha)).clamp(min=1e-5)
+def _scale(act: Tensor, weight_max: Tensor, alpha: float) -> Tensor:
+    """Per input channel: its activations' range to the power alpha over its weights' to the power 1 - alpha."""
+    return (act.clamp(min=1e-5) ** alpha / weight_max.clamp(min=1e-5) ** (1 - alpha)).clamp(min=1e-5)
+
+
+def _column_max(*weights: Tensor) -> Tensor:
+    """Each input channel's largest |weight| over the given (out, in) matrices."""
+    return torch.stack([w.abs().amax(0) for w in weights]).amax(0)
 
 
 @torch.no_grad()
@@ -82,27 +87,26 @@ def smooth(model: Transformer, act: dict[str, Tensor], alpha: float = ALPHA) -> 
     group = cfg.n_heads // cfg.n_kv_heads
     for i, layer in enumerate(model.layers):
         at, mlp, p = layer.attn, layer.mlp, f"layers.{i}."
-        s = _scale(act[p + "attn.q_proj"], [at.q_proj.weight, at.k_proj.weight, at.v_proj.weight], alpha)
+        s = _scale(act[p + "attn.q_proj"], _column_max(at.q_proj.weight, at.k_proj.weight, at.v_proj.weight), alpha)
         layer.attn_norm.weight /= s
         for lin in (at.q_proj, at.k_proj, at.v_proj):
             lin.weight *= s
         # o_proj's input channel (head h, dim d) is a mix of value channel (h // group, d): one scale per value
         # channel, shared by the query heads of its group.
-        a = act[p + "attn.o_proj"].view(cfg.n_kv_heads, group, cfg.head_dim).amax(1)
-        w = at.o_proj.weight.abs().amax(0).view(cfg.n_kv_heads, group, cfg.head_dim).amax(1)
-        s = (a.clamp(min=1e-5) ** alpha / w.clamp(min=1e-5) ** (1 - alpha)).clamp(min=1e-5)  # (Hkv, D)
+        by_value = lambda x: x.view(cfg.n_kv_heads, group, cfg.head_dim).amax(1)  # noqa: E731
+        s = _scale(by_value(act[p + "attn.o_proj"]), by_value(_column_max(at.o_proj.weight)), alpha)  # (Hkv, D)
         at.v_proj.weight /= s.reshape(-1, 1)
         if at.v_proj.bias is not None:
             at.v_proj.bias /= s.reshape(-1)
         at.o_proj.weight *= s[:, None, :].expand(-1, group, -1).reshape(-1)
-        s = _scale(act[p + "mlp.gate_proj"], [mlp.gate_proj.weight, mlp.up_proj.weight], alpha)
+        s = _scale(act[p + "mlp.gate_proj"], _column_max(mlp.gate_proj.weight, mlp.up_proj.weight), alpha)
         layer.mlp_norm.weight /= s
         for lin in (mlp.gate_proj, mlp.up_proj):
             lin.weight *= s
-        s = _scale(act[p + "mlp.down_proj"], [mlp.down_proj.weight], alpha)
+        s = _scale(act[p + "mlp.down_proj"], _column_max(mlp.down_proj.weight), alpha)
         mlp.up_proj.weight /= s[:, None]  # silu(gate) * up: scaling up's output scales the product
         mlp.down_proj.weight *= s
-    s = _scale(act["lm_head"], [model.lm_head.weight], alpha)
+    s = _scale(act["lm_head"], _column_max(model.lm_head.weight), alpha)
     model.lm_head.weight = nn.Parameter(model.lm_head.weight * s)
     model.norm.weight /= s
 

@@ -70,8 +70,9 @@ def test_evaluate_scores_every_part_and_when_the_first_sentence_settled():
     engine = make_tiny_engine()
     sets = {"tiny": {"cleanup": [{"text": "um hi there", "reference": "Hi there."}],
                      "kiosk": [{"knowledge": "Open 9 to 5.", "question": "when do you open", "accept": ["9", "nine"]}],
-                     "talk": [{"question": "hello", "accept": ["hello", "hi"]}]}}
+                     "talk": [{"question": "hello", "accept": ["hello", "hi"], "reference": "Hello."}]}}
     r = evaluate(engine, sets, SamplerOptions(steps=4))["tiny"]
     assert r["cleanup"]["n"] == 1 and 0 <= r["cleanup"]["wer_model"]
     assert r["kiosk"]["n"] == 1 and r["talk"]["n"] == 1
     assert r["replies"]["n"] == 2 and 1 <= r["replies"]["first_sentence_step"] <= 4
+    assert r["turn_cleaned"]["n"] == 1 and 0 <= r["turn_cleaned"]["wer_model"]  # only the row with a reference

@@ -7,7 +7,9 @@ venues and phrasings). Scoring is `dllm.eval.scoring`. A conversational reply
 "fits" when it is healthy (not empty, repetitive or cut off) and holds one of
 the accepted strings (a greeting back, an honest "I can't" or "I don't know",
 the repeated reply, ...). "degenerate" is the share of all replies, card and
-conversational, that are empty, repetitive or cut off.
+conversational, that are empty, repetitive or cut off. "turn WER" scores the
+cleaned field of the voice turns (the transcript the user is shown) where the
+set has a reference: the held-out card and talk rows.
 
     python -m dllm.eval                                   # shipped adapter, K=8, all sets
     python -m dllm.eval --steps 4,8,16                    # one table row per set and K
@@ -51,10 +53,10 @@ def load_sets(names: list[str], heldout: Path) -> dict[str, dict[str, list[dict]
             print(f"warning: no held-out rows at {heldout} (run python -m dllm.training.data)", file=sys.stderr)
         sets["held-out"] = {
             "cleanup": [{"text": r["raw"], "reference": r["cleaned"]} for r in rows if not r.get("reply")],
-            "kiosk": [{"knowledge": r["knowledge"], "question": r["raw"], "accept": r["accept"]}
-                      for r in rows if r.get("knowledge")],
-            "talk": [{"question": r["raw"], "accept": r["accept"], "history": r.get("history") or []}
-                     for r in rows if r.get("reply") and not r.get("knowledge")],
+            "kiosk": [{"knowledge": r["knowledge"], "question": r["raw"], "accept": r["accept"],
+                       "reference": r["cleaned"]} for r in rows if r.get("knowledge")],
+            "talk": [{"question": r["raw"], "accept": r["accept"], "history": r.get("history") or [],
+                      "reference": r["cleaned"]} for r in rows if r.get("reply") and not r.get("knowledge")],
         }
     if "dev" in names:
         sets["dev"] = {"cleanup": _read(SHARED_EVAL / "cleanup_dev.jsonl"), "kiosk": _read(SHARED_EVAL / "kiosk_dev.jsonl"),
@@ -88,6 +90,7 @@ def evaluate(engine, sets: dict, sampler) -> dict:
                             "wer_filler_regex": wer([strip_fillers(t) for t in texts], refs),
                             "examples": [{"raw": t, "cleaned": h, "reference": f} for t, h, f in zip(texts, hyps, refs)]}
         replies, first_steps = [], []
+        shown, turn_refs = [], []  # a voice turn's cleaned field, and its reference where the set has one
         for part in ("kiosk", "talk"):
             if not data[part]:
                 continue
@@ -105,6 +108,10 @@ def evaluate(engine, sets: dict, sampler) -> dict:
             ok = [accepted(o.reply, x["accept"]) and (part == "kiosk" or reply_problem(o.reply) is None)
                   for o, x in zip(outs, data[part])]
             replies += [o.reply for o in outs]
+            for o, x in zip(outs, data[part]):
+                if x.get("reference"):
+                    shown.append(o.cleaned)
+                    turn_refs.append(x["reference"])
             r[part] = {"n": len(ok), "accuracy": sum(ok) / len(ok),
                        "examples": [{"question": x["question"], "cleaned": o.cleaned, "reply": o.reply, "ok": h}
                                     for o, x, h in zip(outs, data[part], ok)]}
@@ -113,6 +120,8 @@ def evaluate(engine, sets: dict, sampler) -> dict:
             r["replies"] = {"n": len(replies), "degenerate": sum(p is not None for p in problems) / len(problems),
                             **{k: problems.count(k) / len(problems) for k in ("empty", "repetitive", "cut off")},
                             "first_sentence_step": statistics.median(first_steps)}
+        if turn_refs:  # the transcript a voice turn shows the user, against the clean reference
+            r["turn_cleaned"] = {"n": len(turn_refs), "wer_model": wer(shown, turn_refs)}
         results[name] = r
     return results
 
@@ -135,16 +144,17 @@ def latency(engine, ks: list[int], repeats: int = 5) -> dict[int, float]:
 
 
 HEADER = (f"{'set':<9}{'K':>3} {'guards':<24}{'WER model':>10}{'WER raw':>8}{'WER regex':>10}  {'card acc':>9}"
-          f"{'talk fit':>9}{'degen.':>8}{'repet.':>7}{'cut off':>8}{'empty':>6}{'1st sent.':>10}")
+          f"{'talk fit':>9}{'degen.':>8}{'repet.':>7}{'cut off':>8}{'empty':>6}{'1st sent.':>10}{'turn WER':>9}")
 
 
 def table_row(name: str, k: int, guards: str, r: dict) -> str:
     c, kk, t, p = r.get("cleanup", {}), r.get("kiosk", {}), r.get("talk", {}), r.get("replies", {})
+    tc = r.get("turn_cleaned", {})
     first = f"{p['first_sentence_step']:>6.1f}/{k:<3}" if "first_sentence_step" in p else f"{'-':>10}"
     f = lambda d, key, w: f"{d[key]:>{w}.3f}" if key in d else f"{'-':>{w}}"
     return (f"{name:<9}{k:>3} {guards:<24}{f(c, 'wer_model', 10)}{f(c, 'wer_raw', 8)}{f(c, 'wer_filler_regex', 10)}  "
             f"{f(kk, 'accuracy', 9)}{f(t, 'accuracy', 9)}{f(p, 'degenerate', 8)}{f(p, 'repetitive', 7)}"
-            f"{f(p, 'cut off', 8)}{f(p, 'empty', 6)}{first}")
+            f"{f(p, 'cut off', 8)}{f(p, 'empty', 6)}{first}{f(tc, 'wer_model', 9)}")
 
 
 def print_examples(results: dict, n: int = 4) -> None:

@@ -31,7 +31,7 @@ from .turn import Turn
 log = logging.getLogger(__name__)
 
 # How much of an input channel's range moves into the weights (0: none, 1: all). On the eval's conversational
-# rows 0.4 and 0.8 matched float32 and 0.6 lost 7 of 100 (docs/MODEL_CARD.md): kept at 0.4.
+# rows 0.4 and 0.8 came within one of float32's 100 and 0.6 lost 7 (docs/MODEL_CARD.md): kept at 0.4.
 ALPHA = 0.4
 CALIBRATION_STEPS = 2  # a pass of 2 steps sees an all-masked canvas and a half-written one: 3 s, not 14 at K = 8
 # Turns whose canvas steps measure the channels' ranges: cleanup, a card question, small talk. Written for this,

@@ -2,7 +2,9 @@
 
 One module covers SmolLM2 (the default base), LLaDA (Llama layout, full
 attention) and Dream (Qwen2 layout: QKV bias, shifted logits). What changes
-between them is data in `ModelConfig`, never code paths inside `forward`.
+between them is data in `ModelConfig`, never code paths inside `forward` (the
+one branch there, fused q/k/v and gate/up products, is dllm.quantize's int8
+copy of any of them).
 
 Attention structures (`ModelConfig.attention`):
   - "bidirectional": every position sees every position (LLaDA, Dream).

@@ -25,6 +25,15 @@ def voice(*args: str, stdin: str | None = None, timeout: float = 300) -> subproc
                           cwd=ROOT, env=env)
 
 
+def test_precision_choices_are_the_engines():
+    """The CLI spells out dllm.PRECISIONS (so that --help need not load torch); the two must not drift apart."""
+    import dllm
+    from voice.cli import build_parser
+    serve = build_parser()._subparsers._group_actions[0].choices["serve"]
+    choices = next(a.choices for a in serve._actions if a.dest == "precision")
+    assert tuple(choices) == dllm.PRECISIONS
+
+
 def test_respond_text_json():
     """`voice respond --text ... --json` prints one JSON line with the turn's fields; progress goes to stderr."""
     run = voice("respond", "--text", "um where is the the nearest bus stop", "--json", "--steps", "4", *MODEL_ARGS)

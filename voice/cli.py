@@ -42,6 +42,7 @@ def _add_model_options(p: argparse.ArgumentParser, *, asr: bool = True, tts: boo
                    "(default: the shipped voice adapter for the packaged model)")
     g.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     g.add_argument("--steps", type=int, default=8, metavar="K", help="denoising steps per turn (default: 8)")
+    # dllm.PRECISIONS, spelt out: importing dllm loads torch, seconds before --help (a test keeps them equal).
     g.add_argument("--precision", default="auto", choices=("auto", "float32", "bfloat16", "float16", "int8"),
                    help="the dLLM's weights (default: auto: bf16 where the device has fast bf16, else int8 on a CPU)")
     g.add_argument("--threads", type=int, metavar="N", help="CPU threads per model (default: all)")

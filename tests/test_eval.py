@@ -1,6 +1,8 @@
 """Evaluation scoring: WER normalisation, the filler-stripper baseline, the accept matcher."""
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from dllm.eval.scoring import accepted, normalise, reply_problem, strip_fillers, wer
@@ -76,3 +78,19 @@ def test_evaluate_scores_every_part_and_when_the_first_sentence_settled():
     assert r["kiosk"]["n"] == 1 and r["talk"]["n"] == 1
     assert r["replies"]["n"] == 2 and 1 <= r["replies"]["first_sentence_step"] <= 4
     assert r["turn_cleaned"]["n"] == 1 and 0 <= r["turn_cleaned"]["wer_model"]  # only the row with a reference
+
+
+def test_the_spoken_set_scores_cleanup_and_the_voice_turns_cleaned_field(tmp_path):
+    """The spoken set (the held-out speech round trip) is cleaned alone and as voice turns; only the cleaned
+    field of those turns is scored, so they add no replies."""
+    from conftest import make_tiny_engine
+
+    from dllm import SamplerOptions
+    from dllm.eval.__main__ import evaluate, load_sets
+    path = tmp_path / "spoken.jsonl"
+    path.write_text(json.dumps({"raw": "um where is the the library", "cleaned": "Where is the library?",
+                                "voice": "piper-1.0"}) + "\n")
+    sets = load_sets(["spoken"], tmp_path / "absent.jsonl", path)
+    assert sets["spoken"]["cleanup"] == [{"text": "um where is the the library", "reference": "Where is the library?"}]
+    r = evaluate(make_tiny_engine(), sets, SamplerOptions(steps=4))["spoken"]
+    assert r["cleanup"]["n"] == 1 and r["turn_cleaned"]["n"] == 1 and "replies" not in r

@@ -56,22 +56,29 @@ def test_data_is_reproducible_and_heldout_is_disjoint():
         assert row["raw"] == row["raw"].lower() and "?" not in row["raw"]
 
 
-def test_speech_round_trip_rows_join_the_training_rows(tmp_path):
-    """--asr-roundtrip adds its rows (empty transcripts dropped) to train.jsonl only; a missing file is an error."""
+def test_speech_round_trip_rows_join_the_training_rows_or_the_spoken_set(tmp_path):
+    """--asr-roundtrip splits its rows (empty transcripts dropped) by sentence: the held-out fifth, every voice of
+    it, goes to heldout_spoken.jsonl, the rest to train.jsonl (--asr-repeat times), none to heldout.jsonl; a
+    missing file is an error."""
+    from dllm.training.data import is_heldout_spoken
     from dllm.training.data import main as make_data
-    rows = [{"raw": "what time does the library open on saturday", "cleaned": "What time does the library open on "
-             "Saturday?", "reply": None, "knowledge": None, "history": [], "spoken": "x", "voice": "espeak-en"},
-            {"raw": " ", "cleaned": "Hi.", "reply": None, "knowledge": None, "history": [], "spoken": "y",
-             "voice": "piper-1.0"}]
+    sentences = [f"Where is room {n}?" for n in range(40)]
+    rows = [{"raw": s.lower().rstrip("?"), "cleaned": s, "reply": None, "knowledge": None, "history": [],
+             "spoken": s, "voice": v} for s in sentences for v in ("piper-1.0", "espeak-en")]
+    rows.append({"raw": " ", "cleaned": "Hi.", "reply": None, "knowledge": None, "history": [], "spoken": "y",
+                 "voice": "piper-1.0"})
     rt = tmp_path / "rt.jsonl"
     rt.write_text("".join(json.dumps(r) + "\n" for r in rows))
     small = ["--cleanup", "20", "--grounded", "5", "--talk", "5", "--heldout-cleanup", "5", "--heldout-grounded", "2",
              "--heldout-talk", "2"]
-    make_data(["--out", str(tmp_path / "d"), *small, "--asr-roundtrip", str(rt)])
-    train = [json.loads(x) for x in (tmp_path / "d" / "train.jsonl").open()]
-    held = [json.loads(x) for x in (tmp_path / "d" / "heldout.jsonl").open()]
-    assert [r["raw"] for r in train if r.get("voice")] == [rows[0]["raw"]]
-    assert not any(r.get("voice") for r in held)
+    make_data(["--out", str(tmp_path / "d"), *small, "--asr-roundtrip", str(rt), "--asr-repeat", "3"])
+    read = lambda name: [json.loads(x) for x in (tmp_path / "d" / name).open()]  # noqa: E731
+    trained = [r["cleaned"] for r in read("train.jsonl") if r.get("voice")]
+    spoken = [r["cleaned"] for r in read("heldout_spoken.jsonl")]
+    assert 0 < len(set(spoken)) < len(sentences)  # a fifth, give or take, of 40 sentences
+    assert sorted(spoken) == sorted(2 * [s for s in sentences if is_heldout_spoken({"cleaned": s})])
+    assert sorted(trained) == sorted(6 * [s for s in sentences if not is_heldout_spoken({"cleaned": s})])
+    assert not any(r.get("voice") for r in read("heldout.jsonl"))
     with pytest.raises(SystemExit, match="no such file"):
         make_data(["--out", str(tmp_path / "e"), *small, "--asr-roundtrip", str(tmp_path / "absent.jsonl")])
 

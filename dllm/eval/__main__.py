@@ -9,7 +9,10 @@ the accepted strings (a greeting back, an honest "I can't" or "I don't know",
 the repeated reply, ...). "degenerate" is the share of all replies, card and
 conversational, that are empty, repetitive or cut off. "turn WER" scores the
 cleaned field of the voice turns (the transcript the user is shown) where the
-set has a reference: the held-out card and talk rows.
+set has a reference: the held-out card and talk rows, and the spoken set.
+"spoken" is the held-out fifth of the speech round trip
+(`data/heldout_spoken.jsonl`): sentences spoken by piper and espeak-ng and
+written down by Whisper, cleaned alone and as voice turns.
 
     python -m dllm.eval                                   # shipped adapter, K=8, all sets
     python -m dllm.eval --steps 4,8,16                    # one table row per set and K
@@ -43,9 +46,11 @@ def _read(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.open() if line.strip()] if path.is_file() else []
 
 
-def load_sets(names: list[str], heldout: Path) -> dict[str, dict[str, list[dict]]]:
+def load_sets(names: list[str], heldout: Path, spoken: Path = Path("data/heldout_spoken.jsonl")
+              ) -> dict[str, dict[str, list[dict]]]:
     """{set: {"cleanup": [{"text", "reference"}], "kiosk": [{"knowledge", "question", "accept"}],
-    "talk": [{"question", "accept", "history"?}]}}"""
+    "talk": [{"question", "accept", "history"?}], "turns"?: [{"text", "reference"}]}}; "turns" are
+    voice turns whose cleaned field alone is scored."""
     sets = {}
     if "held-out" in names:
         rows = _read(heldout)
@@ -58,6 +63,13 @@ def load_sets(names: list[str], heldout: Path) -> dict[str, dict[str, list[dict]
             "talk": [{"question": r["raw"], "accept": r["accept"], "history": r.get("history") or [],
                       "reference": r["cleaned"]} for r in rows if r.get("reply") and not r.get("knowledge")],
         }
+    if "spoken" in names:
+        rows = _read(spoken)
+        if not rows:
+            print(f"warning: no spoken rows at {spoken} (run python -m dllm.training.data with "
+                  "data/asr_roundtrip.jsonl there)", file=sys.stderr)
+        pairs = [{"text": r["raw"], "reference": r["cleaned"]} for r in rows]
+        sets["spoken"] = {"cleanup": pairs, "kiosk": [], "talk": [], "turns": pairs}
     if "dev" in names:
         sets["dev"] = {"cleanup": _read(SHARED_EVAL / "cleanup_dev.jsonl"), "kiosk": _read(SHARED_EVAL / "kiosk_dev.jsonl"),
                        "talk": _read(TALK_DEV)}
@@ -115,6 +127,10 @@ def evaluate(engine, sets: dict, sampler) -> dict:
             r[part] = {"n": len(ok), "accuracy": sum(ok) / len(ok),
                        "examples": [{"question": x["question"], "cleaned": o.cleaned, "reply": o.reply, "ok": h}
                                     for o, x, h in zip(outs, data[part], ok)]}
+        if data.get("turns"):  # voice turns with no card: only the cleaned field is scored
+            outs = engine.run([engine.encode(Turn(x["text"])) for x in data["turns"]], sampler)
+            shown += [o.cleaned for o in outs]
+            turn_refs += [x["reference"] for x in data["turns"]]
         if replies:
             problems = [reply_problem(x) for x in replies]
             r["replies"] = {"n": len(replies), "degenerate": sum(p is not None for p in problems) / len(problems),
@@ -202,8 +218,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--frontier", default=None,
                    help="SamplerOptions.reply_frontier: 0 (the reply paced with its block) or how many of its first open "
                         "positions a step may commit from; a comma list gives a row for each")
-    p.add_argument("--sets", default="held-out,dev", help="comma list of held-out, dev")
+    p.add_argument("--sets", default="held-out,dev", help="comma list of held-out, spoken, dev")
     p.add_argument("--heldout", default="data/heldout.jsonl")
+    p.add_argument("--spoken", default="data/heldout_spoken.jsonl")
     p.add_argument("--limit", type=int, default=0, help="at most this many rows per set part (0: all)")
     p.add_argument("--latency", default="", help="K values to time (e.g. 4,8,16), or '' to skip")
     p.add_argument("--threads", type=int, default=2)
@@ -215,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = p.parse_args(argv)
     adapter = None if args.adapter == "none" else Path(args.adapter)
-    sets = load_sets(args.sets.split(","), Path(args.heldout))
+    sets = load_sets(args.sets.split(","), Path(args.heldout), Path(args.spoken))
     if args.limit:
         sets = {n: {k: v[:args.limit] for k, v in d.items()} for n, d in sets.items()}
     meta = {"adapter": str(adapter)}

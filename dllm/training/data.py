@@ -9,8 +9,9 @@ Three kinds of row, each {"raw", "cleaned", "reply", "knowledge", "history"}:
     punctuation, numbers in words, fillers, repeated words, false starts,
     self-corrections whose retracted part the clean side drops, and now and
     then a near-miss word. Rows from `scripts/asr_roundtrip.py` (clean
-    sentences spoken by piper and transcribed by Whisper) are added when
-    their cache exists;
+    sentences spoken by piper and espeak-ng, transcribed by Whisper) are
+    added when their file exists; a fifth of their sentences, every voice
+    of each, is kept back as the held-out spoken set;
   - grounded replies (`cards`): a generated knowledge card and a question
     about it; the reply states the card's fact with numbers as words, or
     says it does not know when the card is silent;
@@ -31,6 +32,7 @@ import json
 import random
 import re
 import time
+import zlib
 from pathlib import Path
 
 # ----------------------------------------------------------------- numbers
@@ -535,6 +537,12 @@ def generate(seed: int, *, n_cleanup: int, n_grounded: int, n_talk: int, heldout
     return rows
 
 
+def is_heldout_spoken(row: dict) -> bool:
+    """A fifth of the round-trip rows' clean sentences, with every voice that spoke them, are held out: the
+    spoken set measures how the model copes with what Whisper writes, on sentences it never trained on."""
+    return zlib.crc32(row["cleaned"].lower().encode()) % 5 == 0
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m dllm.training.data", description="Generate the voice-turn training data.")
     p.add_argument("--out", default="data")
@@ -547,6 +555,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--heldout-talk", type=int, default=100)
     p.add_argument("--asr-roundtrip", metavar="FILE", help="rows of scripts/asr_roundtrip.py to add to the training "
                    "rows (default: OUT/asr_roundtrip.jsonl, if there)")
+    p.add_argument("--asr-repeat", type=int, default=1,
+                   help="each training round-trip row this many times (a fine-tune on speech-made text)")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -563,8 +573,13 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"--asr-roundtrip {asr}: no such file (make it with scripts/asr_roundtrip.py)")
     if asr.is_file():
         rows = [r for r in map(json.loads, asr.open()) if r["raw"].strip()]  # Whisper heard nothing: no row
-        train += rows
-        print(f"added {len(rows)} speech round-trip rows from {asr}", flush=True)
+        spoken = [r for r in rows if is_heldout_spoken(r)]
+        rows = [r for r in rows if not is_heldout_spoken(r)]
+        train += rows * args.asr_repeat
+        with open(out / "heldout_spoken.jsonl", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in spoken)
+        print(f"added {len(rows)} speech round-trip rows from {asr} ({args.asr_repeat}x); "
+              f"wrote {out / 'heldout_spoken.jsonl'}: {len(spoken)} rows", flush=True)
     else:
         print(f"no {asr}: run `python scripts/asr_roundtrip.py --out {out}` for speech-made raw text", flush=True)
     random.Random(args.seed).shuffle(train)

@@ -215,6 +215,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--copy-penalty", default=None,
                    help="SamplerOptions.copy_clean_penalty: 'ban' (the default) or how much lower the logits of words "
                         "not in the raw transcript are; a comma list gives a row for each")
+    p.add_argument("--threshold", default=None,
+                   help="SamplerOptions.threshold: how sure a reply position beside the frontier's surest must be to "
+                        "commit in the same step (default 0.9); a comma list gives a row for each")
     p.add_argument("--frontier", default=None,
                    help="SamplerOptions.reply_frontier: 0 (the reply paced with its block) or how many of its first open "
                         "positions a step may commit from; a comma list gives a row for each")
@@ -249,10 +252,11 @@ def main(argv: list[str] | None = None) -> None:
     caches = [None] if args.cache is None else args.cache.split(",")
     penalties = [None] if args.copy_penalty is None else args.copy_penalty.split(",")
     frontiers = [None] if args.frontier is None else [int(x) for x in args.frontier.split(",")]
+    thresholds = [None] if args.threshold is None else [float(x) for x in args.threshold.split(",")]
     steps = [int(x) for x in args.steps.split(",")]
     engine, loaded = None, None
-    for precision, k, lead, first, cache, penalty, frontier in itertools.product(
-            args.precision.split(","), steps, leads, lead_steps, caches, penalties, frontiers):
+    for precision, k, lead, first, cache, penalty, frontier, threshold in itertools.product(
+            args.precision.split(","), steps, leads, lead_steps, caches, penalties, frontiers, thresholds):
         if loaded != precision:
             engine, loaded = load_engine_for_eval(adapter, args.threads, args.device, precision), precision
             default_cache = engine.cache_mode
@@ -266,6 +270,8 @@ def main(argv: list[str] | None = None) -> None:
             base = replace(base, copy_clean_penalty=None if penalty == "ban" else float(penalty))
         if frontier is not None:
             base = replace(base, reply_frontier=frontier)
+        if threshold is not None:
+            base = replace(base, threshold=threshold)
         for label, sampler in guard_variants(args.guards, base):
             if lead is not None:
                 label = f"{label}, lead {lead}"
@@ -277,6 +283,8 @@ def main(argv: list[str] | None = None) -> None:
                 label = f"{label}, copy {penalty}"
             if frontier is not None:
                 label = f"{label}, frontier {frontier}"
+            if threshold is not None:
+                label = f"{label}, threshold {threshold:g}"
             if precision != "auto":
                 label = f"{label}, {precision}"
             results = evaluate(engine, sets, sampler)

@@ -20,6 +20,8 @@ written down by Whisper, cleaned alone and as voice turns.
     python -m dllm.eval --lead 0,12                       # the reply's first tokens first (early speech), off and on
     python -m dllm.eval --cache exact,window               # the canvas outside the block recomputed, or cached
     python -m dllm.eval --adapter runs/voice-v2/adapter --sets held-out --json
+    python -m dllm.eval --sets spoken                     # real speech: the held-out speech round trip
+    python -m dllm.eval --threshold 0.7,0.8               # the reply frontier's bar for a second commit a step
 """
 from __future__ import annotations
 

@@ -125,7 +125,7 @@ def _fused(*linears: nn.Linear) -> nn.Linear:
 def int8_copy(model: Transformer) -> Transformer:
     """A copy whose linear layers and LM head are fbgemm dynamic-quantized int8 (per-row weight scales), with
     q, k, v and gate, up fused into one product each: they share their input, so its int8 scale is the same,
-    the results are identical, and two calls instead of five cost 0.55x at 4 positions (docs/BENCHMARKS.md)."""
+    the results are identical, and two calls instead of five cost 0.56x at 4 positions (docs/BENCHMARKS.md)."""
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
     if next(model.parameters()).dtype != torch.float32 or next(model.parameters()).device.type != "cpu":
         raise ValueError("int8 weights need a float32 model on the CPU")

@@ -33,6 +33,8 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from .cli import PRECISION_CHOICES
+
 __all__ = ["QUESTIONS", "TurnSample", "run_bench", "summarize", "main"]
 
 QUESTIONS = [
@@ -299,8 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--steps", type=int, default=8, help="denoising steps K (in-process server)")
     p.add_argument("--threads", type=int, help="CPU threads per model")
-    p.add_argument("--precision", default="auto", help="the dLLM's weights (in-process server): auto, float32, "
-                   "bfloat16 or int8")
+    p.add_argument("--precision", default="auto", choices=PRECISION_CHOICES,
+                   help="the dLLM's weights (in-process server; auto: bf16 where fast, else int8 on a CPU)")
     p.add_argument("--chunk-ms", type=int, default=20, help="audio per frame (default 20)")
     p.add_argument("--speed", type=float, default=1.0, help="1.0 sends audio in real time")
     p.add_argument("--json", metavar="FILE", help="also write every turn's sample here")

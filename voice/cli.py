@@ -33,6 +33,9 @@ EXIT_FAILED = 1
 EXIT_NO_DEVICE = 3
 
 
+# dllm.PRECISIONS, spelt out: importing dllm loads torch, seconds before --help (a test keeps them equal).
+PRECISION_CHOICES = ("auto", "float32", "bfloat16", "float16", "int8")
+
 def _add_model_options(p: argparse.ArgumentParser, *, asr: bool = True, tts: bool = True) -> None:
     g = p.add_argument_group("models")
     g.add_argument("--model", metavar="PATH", help="dLLM checkpoint: a directory (ours, LLaDA or Dream layout) "
@@ -42,8 +45,7 @@ def _add_model_options(p: argparse.ArgumentParser, *, asr: bool = True, tts: boo
                    "(default: the shipped voice adapter for the packaged model)")
     g.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     g.add_argument("--steps", type=int, default=8, metavar="K", help="denoising steps per turn (default: 8)")
-    # dllm.PRECISIONS, spelt out: importing dllm loads torch, seconds before --help (a test keeps them equal).
-    g.add_argument("--precision", default="auto", choices=("auto", "float32", "bfloat16", "float16", "int8"),
+    g.add_argument("--precision", default="auto", choices=PRECISION_CHOICES,
                    help="the dLLM's weights (default: auto: bf16 where the device has fast bf16, else int8 on a CPU)")
     g.add_argument("--threads", type=int, metavar="N", help="CPU threads per model (default: all)")
     if asr:

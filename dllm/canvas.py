@@ -14,9 +14,12 @@ from dataclasses import dataclass
 from .tokenizer import Tokenizer
 from .turn import SENTENCE_END, Encoded, whole_sentences
 
-__all__ = ["MASK_TEXT", "CanvasStep", "canvas_step", "render_field", "settled_reply", "unsaid"]
+__all__ = ["LEAD_CLAUSE_WORDS", "MASK_TEXT", "CanvasStep", "canvas_step", "render_field", "settled_reply", "unsaid"]
 
 MASK_TEXT = "░"  # one per masked position (a token, not a character)
+# A reply's opening clause ("I'm sorry,") of at most this many words may be spoken before its sentence is
+# settled; the same cut as `tts.lead_clause`, which speaks it as a piece of its own.
+LEAD_CLAUSE_WORDS = 4
 
 
 @dataclass(frozen=True)
@@ -28,7 +31,7 @@ class CanvasStep:
     cleaned: str
     reply: str
     masked: int
-    settled: str = ""  # the reply's leading sentences that no later step can change (see settled_reply)
+    settled: str = ""  # the reply's start that no later step can change (see settled_reply)
 
 
 def render_field(ids: list[int], fields: list[int], which: int, tok: Tokenizer, mask_id: int) -> str:
@@ -50,14 +53,18 @@ def render_field(ids: list[int], fields: list[int], which: int, tok: Tokenizer, 
     return "".join(parts).strip()
 
 
-def settled_reply(ids: list[int], fields: list[int], tok: Tokenizer, mask_id: int) -> str:
+def settled_reply(ids: list[int], fields: list[int], tok: Tokenizer, mask_id: int, *, clause_words: int = 0) -> str:
     """The reply's leading whole sentences that no later step can change ("" while there are none).
 
     The sampler never revisits a committed token, so a sentence is settled once
     every token up to its end is committed and so is the one after it ("nine."
     before a mask may still go on as "nine.30"), or the field has ended. What
     this returns is a prefix of the reply the pass will return, so it can be
-    spoken before the pass ends.
+    spoken before the pass ends. With `clause_words`, while no sentence is
+    settled, a settled opening clause of at most that many words counts too
+    ("I'm sorry," once the word after its comma is committed): it is what the
+    first audio says (`tts.lead_clause`), and it is usually settled steps
+    before its sentence.
     """
     run: list[int] = []
     for t, f in zip(ids, fields):
@@ -66,11 +73,20 @@ def settled_reply(ids: list[int], fields: list[int], tok: Tokenizer, mask_id: in
         if t == mask_id:
             text = tok.decode(run).strip()
             ends = [m.end() for m in SENTENCE_END.finditer(text) if m.end() < len(text)]
-            return text[:ends[-1]] if ends else ""
+            return text[:ends[-1]] if ends else opening_clause(text, clause_words)
         if t == tok.end_id or t == tok.eos_id:
             break
         run.append(t)
     return whole_sentences(tok.decode(run).strip())
+
+
+def opening_clause(text: str, max_words: int) -> str:
+    """`text`'s opening clause with its comma, when a word follows the comma and at most `max_words` words
+    come before it; else "". A comma with no space after it ("1,000") does not end a clause."""
+    head, sep, tail = text.partition(", ")
+    if not sep or not tail.strip() or not 0 < len(head.split()) <= max_words:
+        return ""
+    return head + ","
 
 
 def unsaid(text: str, said: str) -> str:
@@ -83,6 +99,6 @@ def canvas_step(ids: list[int], enc: Encoded, step: int, steps: int, tok: Tokeni
     """Render one request's canvas after `step` (0-based) of `steps`."""
     masked = sum(1 for t, f in zip(ids, enc.field) if f >= 0 and t == mask_id)
     reply = render_field(ids, enc.field, 1, tok, mask_id) if enc.with_reply else ""
-    settled = settled_reply(ids, enc.field, tok, mask_id) if enc.with_reply else ""
+    settled = settled_reply(ids, enc.field, tok, mask_id, clause_words=LEAD_CLAUSE_WORDS) if enc.with_reply else ""
     return CanvasStep(step=step + 1, steps=steps, cleaned=render_field(ids, enc.field, 0, tok, mask_id),
                       reply=reply, masked=masked, settled=settled)

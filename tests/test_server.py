@@ -371,3 +371,34 @@ async def test_input_rate_48k_and_output_rate_choice(scripted):
     seconds = client.audio_bytes / 2 / 16000
     assert 3 < seconds < 30  # the long reply, spoken at 16 kHz
     assert np.isfinite(seconds)
+
+
+@pytest.mark.parametrize("hold_s", [0.0, 2.0])
+async def test_bench_counts_the_silence_between_the_pieces_of_a_reply(hold_s):
+    """voice.bench's `stall_ms`: the opening clause is spoken while the pass goes on; when the rest of the reply
+    comes after the clause has played, a listener hears a gap, and the bench says how long."""
+    from voice.bench import one_turn
+
+    engine = ScriptedEngine(reply="I'm sorry, I don't know that.", settled="I'm sorry,")
+    engine.gate = asyncio.Event()
+    server = VoiceServer(Services(engine, transcriber(), synthesizer()),
+                         ServerOptions(port=0, session=SessionConfig(partial_every_ms=0)))
+    await server.start()
+
+    async def release() -> None:
+        while not engine.calls:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(hold_s)
+        engine.gate.set()
+    releaser = asyncio.create_task(release())
+    try:
+        sample = await one_turn(server.url, QUESTION, speech(QUESTION), timeout=120)
+    finally:
+        releaser.cancel()
+        await server.close()
+    assert sample.error is None and sample.reply == "I'm sorry, I don't know that."
+    clause_s = len(synthesizer().synthesize_all("I'm sorry,")) / synthesizer().sample_rate
+    if hold_s:
+        assert sample.timings["stall_ms"] > (hold_s - clause_s) * 1000 - 300, (sample.timings, clause_s)
+    else:
+        assert sample.timings["stall_ms"] < 100, sample.timings

@@ -275,10 +275,14 @@ async def test_typed_turn_and_empty_reply():
     assert events[-1]["voice_to_voice_ms"] is None
 
 
-async def test_settled_first_sentence_is_spoken_before_the_pass_ends():
-    """A sentence the pass has settled goes to piper at once: its audio arrives while the engine is still
-    working, and the rest of the reply follows without saying the first sentence twice."""
-    engine = ScriptedEngine(reply="The library opens at nine. It closes at five.", settled="The library opens at nine.")
+@pytest.mark.parametrize("reply, settled", [
+    ("The library opens at nine. It closes at five.", "The library opens at nine."),
+    ("I'm sorry, I don't know that.", "I'm sorry,"),  # the opening clause, settled before its sentence
+])
+async def test_settled_first_sentence_is_spoken_before_the_pass_ends(reply, settled):
+    """A sentence (or opening clause) the pass has settled goes to piper at once: its audio arrives while the
+    engine is still working, and the rest of the reply follows without saying the first part twice."""
+    engine = ScriptedEngine(reply=reply, settled=settled)
     engine.gate = asyncio.Event()
     session = await start(services(engine))
     await session.feed(P.TextTurn("when does the library open"))
@@ -293,7 +297,7 @@ async def test_settled_first_sentence_is_spoken_before_the_pass_ends():
     assert engine.calls[0].transcript == "when does the library open"
     assert events[-1]["timings"]["settled_ms"] >= 0
     heard = session.conversation.history()[-1][1]
-    assert heard == "The library opens at nine. It closes at five."
+    assert heard == reply
 
 
 async def test_without_speak_early_the_audio_waits_for_the_pass():

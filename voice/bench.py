@@ -53,7 +53,7 @@ QUESTIONS = [
 ]
 
 STAGES = ["pause_ms", "endpoint_ms", "asr_wait_ms", "asr_ms", "settled_ms", "llm_ms", "llm_model_ms", "reply_ms",
-          "tts_first_ms", "first_audio_ms", "tts_ms", "total_ms"]
+          "tts_first_ms", "first_audio_ms", "tts_ms", "total_ms", "stall_ms"]
 
 
 @dataclass
@@ -82,7 +82,11 @@ def speak_questions(n: int) -> list[tuple[str, np.ndarray]]:
 
 async def one_turn(url: str, question: str, pcm: np.ndarray, *, chunk_ms: int = 20, speed: float = 1.0,
                    timeout: float = 300.0) -> TurnSample:
-    """Play one utterance into a new session in real time, then silence until turn.done."""
+    """Play one utterance into a new session in real time, then silence until turn.done.
+
+    `stall_ms` (in the sample's timings): how long the reply's audio would have run dry after it started,
+    for a client that plays each chunk as it comes (a reply spoken in pieces, the next made while one plays).
+    """
     from websockets.asyncio.client import connect
 
     sample = TurnSample(question)
@@ -93,6 +97,7 @@ async def one_turn(url: str, question: str, pcm: np.ndarray, *, chunk_ms: int = 
     async with connect(url.rstrip("/") + "/ws", max_size=None) as ws:
         await ws.send(json.dumps({"type": "session.start", "sample_rate": 16000}))
         done = asyncio.Event()
+        rate, played_until, stall = 0, 0.0, 0.0  # the reply's sample rate; when what came so far has played
 
         async def send() -> None:
             t0 = time.monotonic()
@@ -103,13 +108,21 @@ async def one_turn(url: str, question: str, pcm: np.ndarray, *, chunk_ms: int = 
                 await asyncio.sleep(max(0.0, t0 + i * chunk_ms / 1000 / speed - time.monotonic()))
 
         async def receive() -> None:
+            nonlocal rate, played_until, stall
             async for msg in ws:
                 if isinstance(msg, bytes):
                     sample.audio_bytes += len(msg)
+                    if rate:
+                        t = time.monotonic()
+                        if played_until and t > played_until:
+                            stall += t - played_until
+                        played_until = max(t, played_until) + len(msg) / 2 / rate
                     continue
                 ev = json.loads(msg)
                 kind = ev["type"]
-                if kind == "transcript.final":
+                if kind == "audio.start":
+                    rate, played_until = ev["sample_rate"], 0.0
+                elif kind == "transcript.final":
                     sample.transcript = ev["text"]
                 elif kind == "turn.reply":
                     sample.reply = ev["text"]
@@ -117,6 +130,8 @@ async def one_turn(url: str, question: str, pcm: np.ndarray, *, chunk_ms: int = 
                     sample.error = f"{ev['code']}: {ev['message']}"
                 elif kind == "turn.done":
                     sample.timings = {k: v for k, v in ev["timings"].items() if v is not None}
+                    if rate:
+                        sample.timings["stall_ms"] = stall * 1000
                     sample.voice_to_voice_ms = ev["voice_to_voice_ms"]
                     done.set()
                     return

@@ -424,7 +424,7 @@ class VoiceServer:
         if req.deadline_ms:
             kw["deadline"] = time.monotonic() + req.deadline_ms / 1000
         canvases: asyncio.Queue = asyncio.Queue()  # at most K items: one per step
-        if req.canvas or req.stream:  # a stream sends the reply's settled sentences before the pass ends
+        if req.canvas or req.stream:  # a stream sends the reply's settled start before the pass ends
             kw["on_canvas"] = canvases.put_nowait
         turn = Turn(req.transcript, history=req.history, knowledge=req.knowledge)
         cid, t0 = A.new_id(), time.perf_counter()

@@ -104,8 +104,9 @@ class SessionConfig:
         outbox_size: events and audio frames queued for the client.
         out_chunk_ms: reply audio per binary frame.
         asr_timeout_s, turn_timeout_s, tts_timeout_s: limits on one model call.
-        speak_early: send the reply's first sentences to speech as soon as the
-            pass has settled them (`dllm.canvas.settled_reply`), before it ends.
+        speak_early: send the reply's first sentences (or its short opening
+            clause) to speech as soon as the pass has settled them
+            (`dllm.canvas.settled_reply`), before it ends.
         end_when_finished: when the tentative turn's transcript reads as a
             finished sentence (`asr.looks_finished`), end the utterance then,
             without waiting out the hang-over. Needs `vad.pause_ms` > 0.

@@ -37,7 +37,7 @@ from .chat import ChatFormat
 from .errors import EngineBusy, EngineClosed, RequestError
 from .model import KVCache, Transformer
 from .canvas import CanvasStep, canvas_step
-from .sampler import SamplerOptions, denoise, pass_spans
+from .sampler import Repeats, SamplerOptions, denoise, pass_spans
 from .tokenizer import Tokenizer
 from .turn import (Encoded, Turn, TurnLayout, TurnResult, clean_vocabulary, decode_field, encode_turn,
                    whole_sentences)
@@ -48,6 +48,10 @@ CACHE_MODES = ("auto", "exact", "window", "rolling", "approx", "none")
 PREFIX_CACHES = ("exact", "window", "rolling")  # modes whose prompt cache is exact: "prefix" models only
 PRIORITY_BULK = 0  # the default: batch work, such as transcript cleanup
 PRIORITY_INTERACTIVE = 1  # someone is waiting to hear the answer
+# Numbers said as words: in the cleaned field they may stand twice side by side ("four four nine").
+NUMBER_WORDS = frozenset(
+    "zero oh one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+    "seventeen eighteen nineteen twenty thirty forty fifty sixty seventy eighty ninety".split())
 
 
 @dataclass(frozen=True)
@@ -117,7 +121,7 @@ class Engine:
                                "(use cache='approx' or 'none')")
         self.cache_mode = cache
         self.forward_calls = 0  # model calls made by the sampler, for tests and benchmarks
-        self._repeat_ok_cache: Tensor | None = None
+        self._repeats_cache: Repeats | None = None
         self._heads: OrderedDict[tuple[int, ...], KVCache] = OrderedDict()  # prompt head -> its keys and values
         self._heads_lock = threading.Lock()  # run() may be called from more than one thread
         self.head_hits = 0  # turns whose prompt head came from the cache, for tests and benchmarks
@@ -175,17 +179,35 @@ class Engine:
                 clean_vocab[i, clean_vocabulary(e.raw, self.tok)] = True
         out = denoise(predict, canvas, self.cfg.mask_id, field, self.tok.end_id, sampler,
                       seeds=seeds, should_stop=should_stop, on_step=on_step, deadline=deadline,
-                      clean_vocab=clean_vocab, repeat_ok=self._repeat_ok())
+                      clean_vocab=clean_vocab, repeats=self._repeats())
         return out.tolist()
 
-    def _repeat_ok(self) -> Tensor:
-        """(V,) tokens that may stand twice side by side: digits ("511") and the end tokens."""
-        if self._repeat_ok_cache is None:
-            ok = torch.zeros(self.cfg.vocab_size, dtype=torch.bool, device=self.device)
-            ids = {self.tok.end_id, self.tok.eos_id} | {i for d in range(10) for i in self.tok.encode(str(d))}
-            ok[sorted(i for i in ids if 0 <= i < self.cfg.vocab_size)] = True
-            self._repeat_ok_cache = ok
-        return self._repeat_ok_cache
+    def _repeats(self) -> Repeats:
+        """The no_repeat guard's data (`dllm.sampler.Repeats`) for this tokenizer: digits and the end tokens may
+        repeat, number words in the cleaned field, and a word's spellings ("the", " the", "The", ...: at most
+        seven in SmolLM2's vocabulary) count as one word."""
+        if self._repeats_cache is None:
+            V = self.cfg.vocab_size
+            texts = self.tok.token_texts()[:V]
+            texts += [""] * (V - len(texts))
+            groups: dict[str, list[int]] = {}
+            for i, text in enumerate(texts):
+                word = text.strip().lower()
+                if any(c.isalpha() for c in word):  # punctuation and spaces: only the token itself is a repeat
+                    groups.setdefault(word, []).append(i)
+            width = max(map(len, groups.values()), default=1)
+            rows = [[i] * width for i in range(V)]
+            for ids in groups.values():  # ids ascend: the smallest stands first, for the word's id
+                for i in ids:
+                    rows[i] = ids + [ids[0]] * (width - len(ids))
+            spellings = torch.tensor(rows)
+            ok, ok_cleaned = torch.zeros(V, dtype=torch.bool), torch.zeros(V, dtype=torch.bool)
+            ok[[i for i, text in enumerate(texts) if text.strip().isdigit()]] = True
+            ok[[i for i in (self.tok.end_id, self.tok.eos_id) if 0 <= i < V]] = True
+            ok_cleaned[[i for i, text in enumerate(texts) if text.strip().lower() in NUMBER_WORDS]] = True
+            dev = self.device
+            self._repeats_cache = Repeats(ok.to(dev), ok_cleaned.to(dev), spellings.to(dev))
+        return self._repeats_cache
 
     def _predictor(self, prompt: Tensor | None, valid: Tensor, p_pos: Tensor | None, c_pos: Tensor,
                    key_valid: Tensor, cache: str, block_starts: set[int], *,

@@ -32,6 +32,7 @@ from torch import Tensor
 from .errors import RequestError
 
 CONFIDENCE_KINDS = ("prob", "margin", "entropy")
+REPAIR_CHOICES = 8  # a repeat committed in one step is mended with the best of this many choices
 SCHEDULES = ("linear", "threshold")
 
 
@@ -174,8 +175,33 @@ def _frontier_commit(conf: Tensor, frontier: Tensor, final: bool, threshold: flo
     return (best | (conf >= threshold)) & frontier
 
 
+@dataclass(frozen=True)
+class Repeats:
+    """What the no_repeat guard counts as one word twice side by side (`Engine` builds it from its tokenizer).
+
+    `ok` (V,): tokens that may stand twice anyway (digits: "511"; the end tokens). `ok_cleaned` (V,): tokens
+    that may also in the cleaned field, where a number read out repeats its words ("four four nine") though a
+    reply saying "ten ten" is broken. `spellings` (V, M): the ids of each token's word in every case, with
+    and without its leading space ("the", " the", "The"), smallest first, so that "The the" is a repeat too.
+    """
+
+    ok: Tensor
+    ok_cleaned: Tensor | None = None
+    spellings: Tensor | None = None
+
+    def word(self, tokens: Tensor) -> Tensor:
+        """Each token's word: one id shared by all its spellings."""
+        return tokens if self.spellings is None else self.spellings[tokens, 0]
+
+    def allowed(self, tokens: Tensor, cleaned: Tensor) -> Tensor:
+        """Which `tokens` (..., C) may stand beside their own word, at positions in the cleaned field or not
+        (`cleaned` (C,))."""
+        ok = self.ok[tokens]
+        return ok if self.ok_cleaned is None else ok | (self.ok_cleaned[tokens] & cleaned)
+
+
 def _guard_logits(logits: Tensor, canvas: Tensor, field: Tensor, cols: Tensor, mask_id: int, opts: SamplerOptions,
-                  clean_vocab: Tensor | None, repeat_ok: Tensor | None) -> Tensor:
+                  clean_vocab: Tensor | None, repeats: Repeats | None) -> Tensor:
     """Rule out, per position, the tokens the guards forbid (logits -inf). The mask token is never a prediction.
     `logits` (B, C, V) are those of the canvas positions `cols` (C,)."""
     logits = logits.clone()  # (B, C, V)
@@ -188,15 +214,19 @@ def _guard_logits(logits: Tensor, canvas: Tensor, field: Tensor, cols: Tensor, m
     if opts.no_repeat:
         masked = (canvas == mask_id)[:, cols]
         for neighbour in (F.pad(canvas[:, :-1], (1, 0), value=mask_id), F.pad(canvas[:, 1:], (0, 1), value=mask_id)):
-            neighbour = neighbour[:, cols]
-            banned = neighbour if repeat_ok is None else torch.where(repeat_ok[neighbour], mask_id, neighbour)
-            logits.scatter_(-1, torch.where(masked, banned, mask_id)[..., None], float("-inf"))
+            neighbour = neighbour[:, cols]  # (B, C)
+            if repeats is None:
+                banned, free = neighbour[..., None], ~masked
+            else:  # (B, C, M): the neighbour's word in every spelling
+                banned = neighbour[..., None] if repeats.spellings is None else repeats.spellings[neighbour]
+                free = ~masked | repeats.allowed(neighbour, field[cols] == 0)
+            logits.scatter_(-1, torch.where(free[..., None], mask_id, banned), float("-inf"))
     logits[..., mask_id] = float("-inf")
     return logits
 
 
-def _guard_confidence(conf: Tensor, tokens: Tensor, candidates: Tensor, end_id: int, opts: SamplerOptions,
-                      repeat_ok: Tensor | None) -> Tensor:
+def _guard_confidence(conf: Tensor, tokens: Tensor, candidates: Tensor, field: Tensor, end_id: int,
+                      opts: SamplerOptions, repeats: Repeats | None) -> Tensor:
     """Demote (rank last, not forbid) unsure end tokens, unsure positions beside a surer masked one,
     and the weaker of two equal neighbours."""
     low = torch.zeros_like(candidates)
@@ -208,30 +238,33 @@ def _guard_confidence(conf: Tensor, tokens: Tensor, candidates: Tensor, end_id: 
         right = F.pad(c[:, 1:], (0, 1), value=float("-inf"))
         low |= ((left > c) | (right >= c)) & (conf < opts.no_adjacent) & candidates  # a tie: the left one goes
     if opts.no_repeat:
-        same = (tokens[:, 1:] == tokens[:, :-1]) & candidates[:, 1:] & candidates[:, :-1]  # (B, N-1): j-1 and j
-        if repeat_ok is not None:
-            same &= ~repeat_ok[tokens[:, 1:]]
+        word = tokens if repeats is None else repeats.word(tokens)
+        same = (word[:, 1:] == word[:, :-1]) & candidates[:, 1:] & candidates[:, :-1]  # (B, N-1): j-1 and j
+        if repeats is not None:
+            same &= ~repeats.allowed(tokens[:, 1:], field[1:] == 0)
         right_weaker = conf[:, 1:] <= conf[:, :-1]
         low[:, 1:] |= same & right_weaker
         low[:, :-1] |= same & ~right_weaker
     return torch.where(low, conf - 100.0, conf)  # below any undemoted one: prob and margin lie in [0, 1], -entropy above -11
 
 
-def _split_repeats(tokens: Tensor, canvas: Tensor, commit: Tensor, top: Tensor, mask_id: int,
-                   repeat_ok: Tensor | None) -> Tensor:
-    """Where this step would leave one token twice side by side, every second position of the run takes its
-    best choice that differs from both neighbours (of its top three, `top` (B, N, 3)). Two vectorised rounds."""
+def _split_repeats(tokens: Tensor, canvas: Tensor, commit: Tensor, top: Tensor, field: Tensor, mask_id: int,
+                   repeats: Repeats | None) -> Tensor:
+    """Where this step would leave one word twice side by side, every second position of the run takes its
+    best choice that differs from both neighbours (of its top choices, `top` (B, N, T)). Two vectorised rounds."""
     idx = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
     for _ in range(2):
         after = torch.where(commit, tokens, canvas)  # the canvas as this step would leave it
-        same = F.pad(after[:, 1:] == after[:, :-1], (1, 0)) & commit & (after != mask_id)
-        if repeat_ok is not None:
-            same &= ~repeat_ok[after]
+        word = after if repeats is None else repeats.word(after)
+        same = F.pad(word[:, 1:] == word[:, :-1], (1, 0)) & commit & (after != mask_id)
+        if repeats is not None:
+            same &= ~repeats.allowed(after, field == 0)
         run_start = torch.where(same, 0, idx).cummax(-1).values
         swap = same & ((idx - run_start) % 2 == 1)
-        left = F.pad(after[:, :-1], (1, 0), value=mask_id)
-        right = F.pad(after[:, 1:], (0, 1), value=mask_id)
-        fits = (top != left[..., None]) & (top != right[..., None])  # (B, N, 3)
+        left = F.pad(word[:, :-1], (1, 0), value=mask_id)
+        right = F.pad(word[:, 1:], (0, 1), value=mask_id)
+        top_word = top if repeats is None else repeats.word(top)
+        fits = (top_word != left[..., None]) & (top_word != right[..., None])  # (B, N, T)
         pick = torch.where(fits.any(-1), fits.int().argmax(-1), 0)
         tokens = torch.where(swap, top.gather(-1, pick[..., None]).squeeze(-1), tokens)
     return tokens
@@ -250,7 +283,7 @@ def denoise(predict: Callable[[Tensor, int, Tensor], Tensor], canvas: Tensor, ma
             end_id: int, opts: SamplerOptions, *, seeds: list[int] | None = None,
             should_stop: Callable[[], bool] | None = None,
             on_step: Callable[[int, Tensor], None] | None = None, deadline: float | None = None,
-            clean_vocab: Tensor | None = None, repeat_ok: Tensor | None = None) -> Tensor:
+            clean_vocab: Tensor | None = None, repeats: Repeats | None = None) -> Tensor:
     """Fill every `mask_id` position of `canvas` (B, N) in `opts.steps` calls.
 
     `predict(canvas, step, cols)` returns logits (B, C, V) for the canvas
@@ -265,7 +298,8 @@ def denoise(predict: Callable[[Tensor, int, Tensor], Tensor], canvas: Tensor, ma
     (the cleaned transcript) may only take each row's allowed tokens; with
     `no_repeat`, a position never takes the token of a committed neighbour,
     and of two neighbours that would commit the same token in one step the
-    less confident waits (tokens where `repeat_ok` (V,) is true are exempt);
+    less confident waits (`repeats` says which tokens are one word, "The the",
+    and which may repeat: digits, and in the cleaned field numbers as words);
     with `end_confidence`, unsure end tokens rank below every other choice.
 
     The anytime canvas: `on_step(step, canvas)` sees the canvas after each
@@ -321,11 +355,11 @@ def denoise(predict: Callable[[Tensor, int, Tensor], Tensor], canvas: Tensor, ma
         # Drawn for the whole canvas, then cut to `cols`: a row's draws do not depend on the rows beside it.
         noise = gumbel_noise((B, N, V), [s + step for s in seeds], logits.device)[:, cols] \
             if opts.temperature > 0 and seeds is not None else None
-        logits = _guard_logits(logits, canvas, field, cols, mask_id, opts, clean_vocab, repeat_ok)
+        logits = _guard_logits(logits, canvas, field, cols, mask_id, opts, clean_vocab, repeats)
         picked, picked_conf = score(logits, opts.confidence, opts.temperature, noise)  # (B, C)
         tokens = canvas.index_copy(1, cols, picked)  # (B, N); outside `cols` nothing is committed
         conf = torch.full((B, N), float("-inf"), device=canvas.device).index_copy(1, cols, picked_conf.float())
-        conf = _guard_confidence(conf, tokens, candidates, end_id, opts, repeat_ok)
+        conf = _guard_confidence(conf, tokens, candidates, field, end_id, opts, repeats)
         steps_left = 1 if last else ends_t[block] - step  # (B, 1)
         if frontier_on:
             commit = _commit_mask(conf, candidates & ~in_reply, steps_left, opts) | \
@@ -333,9 +367,10 @@ def denoise(predict: Callable[[Tensor, int, Tensor], Tensor], canvas: Tensor, ma
         else:
             commit = _commit_mask(conf, candidates, steps_left, opts)
         if opts.no_repeat:  # equal neighbours still committed together: every second one takes its next choice
-            top = torch.full((B, N, 3), mask_id, device=canvas.device)
-            top = top.index_copy(1, cols, logits.topk(3, dim=-1).indices)
-            tokens = _split_repeats(tokens, canvas, commit, top, mask_id, repeat_ok)
+            # Eight choices: a word has up to seven spellings in SmolLM2's vocabulary, and all may rank first.
+            top = torch.full((B, N, min(REPAIR_CHOICES, V)), mask_id, device=canvas.device)
+            top = top.index_copy(1, cols, logits.topk(min(REPAIR_CHOICES, V), dim=-1).indices)
+            tokens = _split_repeats(tokens, canvas, commit, top, field, mask_id, repeats)
         canvas = torch.where(commit, tokens, canvas)
         if opts.fill_after_end:
             masked = canvas == mask_id

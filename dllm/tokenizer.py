@@ -33,6 +33,10 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         return self.inner.decode(ids, skip_special_tokens=True)
 
+    def token_texts(self) -> list[str]:
+        """Each token id's text alone ("" for special tokens)."""
+        return self.inner.decode_batch([[i] for i in range(self.vocab_size)], skip_special_tokens=True)
+
     def token_id(self, token: str) -> int:
         tid = self.inner.token_to_id(token)
         if tid is None:

@@ -9,6 +9,7 @@ import torch
 from conftest import make_tiny_engine
 
 from dllm import EngineBusy, RequestError, SamplerOptions, Turn
+from dllm.sampler import Repeats
 from dllm.turn import TurnLayout, decode_field, training_canvas
 
 QUESTIONS = ["um where is the the library", "what time does the pool close on sunday",
@@ -287,8 +288,61 @@ def test_no_repeat_never_writes_a_token_twice_side_by_side(steps):
     assert all(a != b for a, b in zip(out, out[1:])), out
     repeat_ok = torch.zeros(12, dtype=torch.bool)
     repeat_ok[5] = True  # a digit, say
-    out = denoise(predict, canvas, mask, field, end, SamplerOptions(steps=steps), repeat_ok=repeat_ok)
+    out = denoise(predict, canvas, mask, field, end, SamplerOptions(steps=steps), repeats=Repeats(repeat_ok))
     assert out[0, 1:7].tolist() == [5] * 6
+
+
+@pytest.mark.parametrize("steps", [1, 2, 6])
+def test_no_repeat_counts_two_spellings_of_a_word_as_a_repeat(steps):
+    """With `spellings`, tokens 4 and 6 spell one word ("The", " the"): they never stand side by side,
+    whether committed in one step or across steps."""
+    from dllm.sampler import denoise
+    mask, end = 11, 7
+    canvas = torch.tensor([[1] + [mask] * 6 + [end]])
+    field = torch.tensor([-1] + [0] * 6 + [-1])
+    predict = _flat_predict({4: 9.0, 6: 8.5, 5: 7.0, 3: 6.0})
+    opts = SamplerOptions(steps=steps, end_confidence=0)
+    out = denoise(predict, canvas, mask, field, end, opts)[0, 1:7].tolist()
+    assert (4, 6) in zip(out, out[1:]) or (6, 4) in zip(out, out[1:]), out  # without spellings they are two words
+    spellings = torch.arange(12)[:, None].repeat(1, 2)
+    spellings[4] = spellings[6] = torch.tensor([4, 6])
+    repeats = Repeats(torch.zeros(12, dtype=torch.bool), spellings=spellings)
+    out = denoise(predict, canvas, mask, field, end, opts, repeats=repeats)[0, 1:7].tolist()
+    word = [4 if t in (4, 6) else t for t in out]
+    assert all(a != b for a, b in zip(word, word[1:])), out
+
+
+@pytest.mark.parametrize("steps", [1, 2, 6])
+def test_number_words_may_repeat_in_the_cleaned_field_only(steps):
+    """`Repeats.ok_cleaned` (numbers as words: "four four nine") spares a token in the cleaned field, not in
+    the reply, where "ten ten dollars" is broken."""
+    from dllm.sampler import denoise
+    mask, end = 11, 7
+    canvas = torch.tensor([[1] + [mask] * 4 + [2] + [mask] * 4 + [end]])
+    field = torch.tensor([-1] + [0] * 4 + [-1] + [1] * 4 + [-1])
+    ok_cleaned = torch.zeros(12, dtype=torch.bool)
+    ok_cleaned[5] = True  # " four", say
+    repeats = Repeats(torch.zeros(12, dtype=torch.bool), ok_cleaned=ok_cleaned)
+    opts = SamplerOptions(steps=steps, end_confidence=0, lead_tokens=0, reply_frontier=0)
+    out = denoise(_flat_predict({5: 9.0, 6: 8.0, 4: 7.0}), canvas, mask, field, end, opts, repeats=repeats)[0]
+    assert out[1:5].tolist() == [5] * 4
+    reply = out[6:10].tolist()
+    assert all(a != b for a, b in zip(reply, reply[1:])), reply
+
+
+def test_the_packaged_tokenizer_spellings_and_repeatable_words(base_engine):
+    """The engine's no_repeat data for SmolLM2: "The" and " the" are one word; digits may repeat, number words
+    ("four four nine") in the cleaned field, other words nowhere."""
+    repeats = base_engine._repeats()
+    tok = base_engine.tok
+    ids = lambda text: tok.encode(text)  # noqa: E731
+    the = set(repeats.spellings[ids(" the")[0]].tolist())
+    assert {ids("The")[0], ids(" The")[0], ids("the")[0]} <= the
+    assert repeats.ok[ids("7")[-1]] and repeats.ok[tok.end_id]
+    for text in (" four", " Four", " twenty"):
+        assert repeats.ok_cleaned[ids(text)[-1]] and not repeats.ok[ids(text)[-1]], text
+    for text in (" the", " need", " sorry"):
+        assert not repeats.ok[ids(text)[-1]] and not repeats.ok_cleaned[ids(text)[-1]], text
 
 
 def test_unsure_end_tokens_are_committed_last():
@@ -633,6 +687,37 @@ def test_settled_reply_waits_for_the_token_after_a_full_stop():
     assert settled_reply(head + tok.encode("3") + [mask], fields, tok, mask) == ""
     assert settled_reply(head + tok.encode(" Bye") + [mask], fields[:len(head) + 5], tok, mask) == "It opens at 9."
     assert settled_reply(head + [tok.end_id, tok.end_id], fields, tok, mask) == "It opens at 9."
+
+
+def test_settled_reply_may_end_at_a_short_opening_clause():
+    """With `clause_words`, "I'm sorry," is settled once the word after its comma is committed, while its
+    sentence is still open; a longer opening, a comma inside a number, or no word after the comma is not."""
+    from dllm.canvas import LEAD_CLAUSE_WORDS, canvas_step, settled_reply
+    from dllm.turn import Encoded
+    tok = make_tiny_engine().tok
+    mask = tok.mask_id
+
+    def settled(text: str, words: int = LEAD_CLAUSE_WORDS) -> str:
+        ids = tok.encode(text) + [mask, mask]
+        return settled_reply(ids, [1] * len(ids), tok, mask, clause_words=words)
+    assert settled(" I'm sorry, I") == "I'm sorry,"
+    assert settled(" I'm sorry, I", words=0) == "", "sentences only, as before"
+    assert settled(" I'm sorry,") == "", "the word after the comma is not known yet"
+    assert settled(" It costs 1,000") == ""
+    assert settled(" The library on the hill opens, then") == "", "five words before the comma"
+    assert settled(" Sure. Okay, then") == "Sure.", "a whole sentence comes first"
+    ids = tok.encode(" Sorry, I can") + [mask]
+    snap = canvas_step(ids, Encoded(prompt=[], canvas=ids, field=[1] * len(ids), with_reply=True), 2, 8, tok, mask)
+    assert snap.settled == "Sorry,", "the anytime canvas speaks the opening clause"
+
+
+def test_the_settled_clause_and_the_lead_clause_cut_alike():
+    """The canvas settles the opening clause that piper speaks as a piece of its own."""
+    import inspect
+
+    from dllm.canvas import LEAD_CLAUSE_WORDS
+    from tts import lead_clause
+    assert inspect.signature(lead_clause).parameters["max_words"].default == LEAD_CLAUSE_WORDS
 
 
 def test_lead_commits_the_cleaned_field_and_the_reply_start_first(tiny_engine):

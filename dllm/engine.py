@@ -48,7 +48,8 @@ CACHE_MODES = ("auto", "exact", "window", "rolling", "approx", "none")
 PREFIX_CACHES = ("exact", "window", "rolling")  # modes whose prompt cache is exact: "prefix" models only
 PRIORITY_BULK = 0  # the default: batch work, such as transcript cleanup
 PRIORITY_INTERACTIVE = 1  # someone is waiting to hear the answer
-# Numbers said as words: in the cleaned field they may stand twice side by side ("four four nine").
+# Numbers said as words: in the cleaned field they may stand twice side by side where the speaker said them so
+# ("four four nine").
 NUMBER_WORDS = frozenset(
     "zero oh one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
     "seventeen eighteen nineteen twenty thirty forty fifty sixty seventy eighty ninety".split())
@@ -121,7 +122,7 @@ class Engine:
                                "(use cache='approx' or 'none')")
         self.cache_mode = cache
         self.forward_calls = 0  # model calls made by the sampler, for tests and benchmarks
-        self._repeats_cache: Repeats | None = None
+        self._repeats_cache: tuple[Repeats, dict[str, list[int]]] | None = None
         self._heads: OrderedDict[tuple[int, ...], KVCache] = OrderedDict()  # prompt head -> its keys and values
         self._heads_lock = threading.Lock()  # run() may be called from more than one thread
         self.head_hits = 0  # turns whose prompt head came from the cache, for tests and benchmarks
@@ -179,13 +180,14 @@ class Engine:
                 clean_vocab[i, clean_vocabulary(e.raw, self.tok)] = True
         out = denoise(predict, canvas, self.cfg.mask_id, field, self.tok.end_id, sampler,
                       seeds=seeds, should_stop=should_stop, on_step=on_step, deadline=deadline,
-                      clean_vocab=clean_vocab, repeats=self._repeats())
+                      clean_vocab=clean_vocab, repeats=self._repeats([e.raw for e in batch]))
         return out.tolist()
 
-    def _repeats(self) -> Repeats:
-        """The no_repeat guard's data (`dllm.sampler.Repeats`) for this tokenizer: digits and the end tokens may
-        repeat, number words in the cleaned field, and a word's spellings ("the", " the", "The", ...: at most
-        seven in SmolLM2's vocabulary) count as one word."""
+    def _repeats(self, raws: list[str]) -> Repeats:
+        """The no_repeat guard's data (`dllm.sampler.Repeats`) for a batch with these raw transcripts: digits
+        and the end tokens may repeat; a number word may in a row's cleaned field where its speaker said it
+        twice in a row; a word's spellings ("the", " the", "The", ...: at most seven in SmolLM2's vocabulary)
+        count as one word."""
         if self._repeats_cache is None:
             V = self.cfg.vocab_size
             texts = self.tok.token_texts()[:V]
@@ -201,13 +203,18 @@ class Engine:
                 for i in ids:
                     rows[i] = ids + [ids[0]] * (width - len(ids))
             spellings = torch.tensor(rows)
-            ok, ok_cleaned = torch.zeros(V, dtype=torch.bool), torch.zeros(V, dtype=torch.bool)
+            ok = torch.zeros(V, dtype=torch.bool)
             ok[[i for i, text in enumerate(texts) if text.strip().isdigit()]] = True
             ok[[i for i in (self.tok.end_id, self.tok.eos_id) if 0 <= i < V]] = True
-            ok_cleaned[[i for i, text in enumerate(texts) if text.strip().lower() in NUMBER_WORDS]] = True
-            dev = self.device
-            self._repeats_cache = Repeats(ok.to(dev), ok_cleaned.to(dev), spellings.to(dev))
-        return self._repeats_cache
+            numbers = {w: groups[w] for w in NUMBER_WORDS if w in groups}  # each number word's spellings
+            self._repeats_cache = Repeats(ok.to(self.device), spellings=spellings.to(self.device)), numbers
+        repeats, numbers = self._repeats_cache
+        ok_cleaned = torch.zeros(len(raws), self.cfg.vocab_size, dtype=torch.bool)
+        for row, raw in enumerate(raws):
+            words = [w.strip(".,?!") for w in raw.lower().split()]
+            for w in {a for a, b in zip(words, words[1:]) if a == b and a in numbers}:
+                ok_cleaned[row, numbers[w]] = True
+        return replace(repeats, ok_cleaned=ok_cleaned.to(self.device))
 
     def _predictor(self, prompt: Tensor | None, valid: Tensor, p_pos: Tensor | None, c_pos: Tensor,
                    key_valid: Tensor, cache: str, block_starts: set[int], *,

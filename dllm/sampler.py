@@ -179,10 +179,11 @@ def _frontier_commit(conf: Tensor, frontier: Tensor, final: bool, threshold: flo
 class Repeats:
     """What the no_repeat guard counts as one word twice side by side (`Engine` builds it from its tokenizer).
 
-    `ok` (V,): tokens that may stand twice anyway (digits: "511"; the end tokens). `ok_cleaned` (V,): tokens
-    that may also in the cleaned field, where a number read out repeats its words ("four four nine") though a
-    reply saying "ten ten" is broken. `spellings` (V, M): the ids of each token's word in every case, with
-    and without its leading space ("the", " the", "The"), smallest first, so that "The the" is a repeat too.
+    `ok` (V,): tokens that may stand twice anyway (digits: "511"; the end tokens). `ok_cleaned` (B, V): per
+    row, tokens that may also in the cleaned field: the number words its speaker said twice in a row ("four
+    four nine"); a reply saying "ten ten" is broken. `spellings` (V, M): the ids of each token's word in every
+    case, with and without its leading space ("the", " the", "The"), smallest first, so that "The the" is a
+    repeat too.
     """
 
     ok: Tensor
@@ -194,10 +195,10 @@ class Repeats:
         return tokens if self.spellings is None else self.spellings[tokens, 0]
 
     def allowed(self, tokens: Tensor, cleaned: Tensor) -> Tensor:
-        """Which `tokens` (..., C) may stand beside their own word, at positions in the cleaned field or not
+        """Which `tokens` (B, C) may stand beside their own word, at positions in the cleaned field or not
         (`cleaned` (C,))."""
         ok = self.ok[tokens]
-        return ok if self.ok_cleaned is None else ok | (self.ok_cleaned[tokens] & cleaned)
+        return ok if self.ok_cleaned is None else ok | (self.ok_cleaned.gather(1, tokens) & cleaned)
 
 
 def _guard_logits(logits: Tensor, canvas: Tensor, field: Tensor, cols: Tensor, mask_id: int, opts: SamplerOptions,

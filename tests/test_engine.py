@@ -314,14 +314,14 @@ def test_no_repeat_counts_two_spellings_of_a_word_as_a_repeat(steps):
 
 @pytest.mark.parametrize("steps", [1, 2, 6])
 def test_number_words_may_repeat_in_the_cleaned_field_only(steps):
-    """`Repeats.ok_cleaned` (numbers as words: "four four nine") spares a token in the cleaned field, not in
-    the reply, where "ten ten dollars" is broken."""
+    """`Repeats.ok_cleaned` (a number word the speaker said twice: "four four nine") spares a token in the
+    cleaned field, not in the reply, where "ten ten dollars" is broken."""
     from dllm.sampler import denoise
     mask, end = 11, 7
     canvas = torch.tensor([[1] + [mask] * 4 + [2] + [mask] * 4 + [end]])
     field = torch.tensor([-1] + [0] * 4 + [-1] + [1] * 4 + [-1])
-    ok_cleaned = torch.zeros(12, dtype=torch.bool)
-    ok_cleaned[5] = True  # " four", say
+    ok_cleaned = torch.zeros(1, 12, dtype=torch.bool)
+    ok_cleaned[0, 5] = True  # " four", which the speaker said twice in a row
     repeats = Repeats(torch.zeros(12, dtype=torch.bool), ok_cleaned=ok_cleaned)
     opts = SamplerOptions(steps=steps, end_confidence=0, lead_tokens=0, reply_frontier=0)
     out = denoise(_flat_predict({5: 9.0, 6: 8.0, 4: 7.0}), canvas, mask, field, end, opts, repeats=repeats)[0]
@@ -332,17 +332,18 @@ def test_number_words_may_repeat_in_the_cleaned_field_only(steps):
 
 def test_the_packaged_tokenizer_spellings_and_repeatable_words(base_engine):
     """The engine's no_repeat data for SmolLM2: "The" and " the" are one word; digits may repeat, number words
-    ("four four nine") in the cleaned field, other words nowhere."""
-    repeats = base_engine._repeats()
+    in the cleaned field where the speaker said them twice in a row ("four four nine"), other words nowhere."""
+    repeats = base_engine._repeats(["the code is four four nine", "ninety eight minutes"])
     tok = base_engine.tok
-    ids = lambda text: tok.encode(text)  # noqa: E731
-    the = set(repeats.spellings[ids(" the")[0]].tolist())
-    assert {ids("The")[0], ids(" The")[0], ids("the")[0]} <= the
-    assert repeats.ok[ids("7")[-1]] and repeats.ok[tok.end_id]
-    for text in (" four", " Four", " twenty"):
-        assert repeats.ok_cleaned[ids(text)[-1]] and not repeats.ok[ids(text)[-1]], text
+    ids = lambda text: tok.encode(text)[-1]  # noqa: E731
+    the = set(repeats.spellings[ids(" the")].tolist())
+    assert {ids("The"), ids(" The"), ids("the")} <= the
+    assert repeats.ok[ids("7")] and repeats.ok[tok.end_id]
+    for text in (" four", " Four"):
+        assert repeats.ok_cleaned[0, ids(text)] and not repeats.ok[ids(text)], text
+    assert not repeats.ok_cleaned[0, ids(" nine")] and not repeats.ok_cleaned[1, ids(" eight")], "said once"
     for text in (" the", " need", " sorry"):
-        assert not repeats.ok[ids(text)[-1]] and not repeats.ok_cleaned[ids(text)[-1]], text
+        assert not repeats.ok[ids(text)] and not repeats.ok_cleaned[:, ids(text)].any(), text
 
 
 def test_unsure_end_tokens_are_committed_last():

@@ -395,3 +395,15 @@ async def test_speech_without_a_recognizer_is_an_asr_error():
     await session.close()
     error, = [e for e in events if e["type"] == "error"]
     assert error["code"] == "asr_failed" and "typed turns" in error["message"] and error["turn_id"] == 1
+
+
+def test_warm_up_calls_each_model_once(base_engine):
+    """`Services.warm_up` (run by `Services.load`) puts one short turn through the dLLM and a call through
+    Whisper and piper, so a first user's turn does not pay for first-call set-up; an engine without
+    `respond_sync` (a remote or scripted one) is left alone."""
+    from voice.services import Services
+    engine = fresh_engine(base_engine)
+    calls = engine.forward_calls
+    Services(engine, transcriber(), synthesizer()).warm_up()
+    assert engine.forward_calls > calls
+    Services(ScriptedEngine(), None, None).warm_up()

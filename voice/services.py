@@ -87,7 +87,25 @@ class Services:
         engine = load_engine(options, times)
         transcriber = load_transcriber(options, times) if asr else None
         synthesizer = load_synthesizer(options, times) if tts else None
-        return cls(engine, transcriber, synthesizer, steps=options.steps, load_ms=times)
+        services = cls(engine, transcriber, synthesizer, steps=options.steps, load_ms=times)
+        with _timed("a warm-up turn", times):
+            services.warm_up()
+        return services
+
+    def warm_up(self) -> None:
+        """One short call into each model (blocking), so that the first user's turn does not pay for what a
+        first call sets up (the int8 products' packed weights, buffers): about 180 ms of a first turn's
+        voice to voice on a 2-core CPU (docs/BENCHMARKS.md)."""
+        import numpy as np
+
+        from dllm import Turn
+        respond = getattr(self.engine, "respond_sync", None)
+        if respond is not None:
+            respond(Turn("hello there"), steps=self.steps)
+        if self.transcriber is not None:
+            self.transcriber.transcribe(np.zeros(16000, np.int16))
+        if self.synthesizer is not None:
+            self.synthesizer.synthesize_all("Hello.")
 
     @property
     def output_sample_rate(self) -> int:

@@ -297,8 +297,8 @@ def denoise(predict: Callable[[Tensor, int, Tensor], Tensor], canvas: Tensor, ma
 
     Guards (each switched by `opts`): with `clean_vocab` (B, V) bool, field 0
     (the cleaned transcript) may only take each row's allowed tokens; with
-    `no_repeat`, a position never takes the token of a committed neighbour,
-    and of two neighbours that would commit the same token in one step the
+    `no_repeat`, a position never takes the word of a committed neighbour,
+    and of two neighbours that would commit the same word in one step the
     less confident waits (`repeats` says which tokens are one word, "The the",
     and which may repeat: digits, and in the cleaned field numbers as words);
     with `end_confidence`, unsure end tokens rank below every other choice.

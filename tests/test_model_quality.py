@@ -79,6 +79,19 @@ def test_cleanup_beats_the_filler_regex(engine):
     assert model <= 0.1, hyps
 
 
+# Held-out transcripts whose cleanup once said a word twice in two spellings ("The the fan", "Could You you",
+# "THAT that"), which a guard comparing token ids let through.
+STUTTERED = ["hey can i pay in cash tell felix the markers sorry i um like mean the fan is ready for pickup",
+             "the train the train to halifax is delayed by ninety eight minutes could you tell me how to get to "
+             "orchard street",
+             "sorry could you repeat that that"]
+
+
+def test_cleanup_never_says_a_word_twice_in_two_spellings(engine):
+    hyps = [o.cleaned for o in engine.cleanup_sync(STUTTERED)]
+    assert all(h and not adjacent_repeat(h) for h in hyps), hyps
+
+
 @pytest.mark.parametrize("question, accept", CARD_QUESTIONS)
 def test_card_reply_states_the_fact(engine, question, accept):
     """A question about the card gets the card's fact (or an honest "don't know") in a whole, healthy reply."""

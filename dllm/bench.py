@@ -39,7 +39,7 @@ import torch
 
 from . import PRECISIONS, default_dtype, default_precision
 from .chat import CHATML
-from .engine import Engine
+from .engine import Engine, EngineOptions
 from .model import PRESETS, Transformer
 from .sampler import SamplerOptions
 from .turn import Encoded
@@ -220,7 +220,9 @@ def load(model: str, device: str, precision: str) -> Engine:
     with torch.device(device):
         net = Transformer(cfg).to(dtype)
     tok = Tokenizer(inner=None, eos_id=0, mask_id=cfg.mask_id, end_id=0)  # ids only; no text in a benchmark
-    return Engine(net, tok, CHATML, name=f"{model} (random weights)")
+    # Random weights write no words, so the guard that reads them (no_repeat) has nothing to go on.
+    options = EngineOptions(sampler=SamplerOptions(no_repeat=False))
+    return Engine(net, tok, CHATML, options=options, name=f"{model} (random weights)")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -255,7 +257,7 @@ def main(argv: list[str] | None = None) -> None:
     weight_bytes = n_params * bytes_per_weight
     bw = memory_bandwidth(eng.device)
     floor_ms = weight_bytes / bw * 1000
-    opts = SamplerOptions(steps=args.steps)
+    opts = replace(eng.options.sampler, steps=args.steps)  # a random preset's engine drops no_repeat
     dev_name = torch.cuda.get_device_name() if eng.device.type == "cuda" else \
         f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     print(f"command: python -m dllm.bench {' '.join(argv if argv is not None else sys.argv[1:])}")
@@ -268,7 +270,7 @@ def main(argv: list[str] | None = None) -> None:
              f"{'threshold x':>11} | {'naive x':>7}"
     if args.canvas:
         print(header + (f" | {'reference x':>11}" if args.reference else ""))
-    threshold = SamplerOptions(steps=args.steps, schedule="threshold", threshold=0.9)
+    threshold = replace(opts, schedule="threshold", threshold=0.9)
     for n in args.canvas:
         for b in args.batch:
             batch = [synthetic(args.prompt - i % 7, n, eng.cfg.mask_id, eng.cfg.vocab_size, i) for i in range(b)]

@@ -180,7 +180,8 @@ class Engine:
                 clean_vocab[i, clean_vocabulary(e.raw, self.tok)] = True
         out = denoise(predict, canvas, self.cfg.mask_id, field, self.tok.end_id, sampler,
                       seeds=seeds, should_stop=should_stop, on_step=on_step, deadline=deadline,
-                      clean_vocab=clean_vocab, repeats=self._repeats([e.raw for e in batch]))
+                      clean_vocab=clean_vocab,
+                      repeats=self._repeats([e.raw for e in batch]) if sampler.no_repeat else None)
         return out.tolist()
 
     def _repeats(self, raws: list[str]) -> Repeats:

@@ -54,6 +54,16 @@ def test_dllm_bench_llama_needs_the_default_model():
         bench.main(["--model", "tiny", "--llama"])
 
 
+def test_dllm_bench_runs_a_random_weights_preset(capsys):
+    """dllm.bench on a random-weights preset prints its grid row (its engine writes no words, so the word guard
+    is off)."""
+    from dllm import bench
+
+    bench.main(["--model", "tiny", "--canvas", "32", "--batch", "1", "--repeats", "1", "--prompt", "16"])
+    out = capsys.readouterr().out
+    assert "tiny (random weights)" in out and "    32     1 |" in out, out
+
+
 def test_llama_timing_without_llama_cpp_says_what_to_install(no_peer):
     """time_llama raises ImportError naming the peer extra when llama_cpp is missing."""
     from dllm.bench import time_llama

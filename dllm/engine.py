@@ -210,10 +210,13 @@ class Engine:
             numbers = {w: groups[w] for w in NUMBER_WORDS if w in groups}  # each number word's spellings
             self._repeats_cache = Repeats(ok.to(self.device), spellings=spellings.to(self.device)), numbers
         repeats, numbers = self._repeats_cache
+        said_twice = [{a for a, b in zip(words, words[1:]) if a == b and a in numbers}
+                      for words in ([w.strip(".,?!") for w in raw.lower().split()] for raw in raws)]
+        if not any(said_twice):  # the common case: no row's speaker repeated a number word
+            return repeats
         ok_cleaned = torch.zeros(len(raws), self.cfg.vocab_size, dtype=torch.bool)
-        for row, raw in enumerate(raws):
-            words = [w.strip(".,?!") for w in raw.lower().split()]
-            for w in {a for a, b in zip(words, words[1:]) if a == b and a in numbers}:
+        for row, repeated in enumerate(said_twice):
+            for w in repeated:
                 ok_cleaned[row, numbers[w]] = True
         return replace(repeats, ok_cleaned=ok_cleaned.to(self.device))
 

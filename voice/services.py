@@ -88,10 +88,8 @@ class Services:
         transcriber = load_transcriber(options, times) if asr else None
         synthesizer = load_synthesizer(options, times) if tts else None
         services = cls(engine, transcriber, synthesizer, steps=options.steps, load_ms=times)
-        t0 = time.perf_counter()
-        services.warm_up()
-        times["warm-up"] = ms = (time.perf_counter() - t0) * 1000
-        log.info("warmed up the models (a short turn through each) in %.1f s", ms / 1000)
+        with _timed("the models (a short call into each)", times, ("warming up", "warmed up")):
+            services.warm_up()
         return services
 
     def warm_up(self) -> None:
@@ -125,13 +123,13 @@ class Services:
 
 
 @contextmanager
-def _timed(what: str, times: dict[str, float]) -> Iterator[None]:
-    """Log the start and the end of a slow load (progress for the CLI's stderr)."""
-    log.info("loading %s ...", what)
+def _timed(what: str, times: dict[str, float], verbs: tuple[str, str] = ("loading", "loaded")) -> Iterator[None]:
+    """Log the start and the end of a slow step (progress for the CLI's stderr), and keep its time."""
+    log.info("%s %s ...", verbs[0], what)
     t0 = time.perf_counter()
     yield
     times[what] = ms = (time.perf_counter() - t0) * 1000
-    log.info("loaded %s in %.1f s", what, ms / 1000)
+    log.info("%s %s in %.1f s", verbs[1], what, ms / 1000)
 
 
 def load_engine(options: ModelOptions, times: dict[str, float] | None = None):

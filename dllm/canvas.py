@@ -81,12 +81,16 @@ def settled_reply(ids: list[int], fields: list[int], tok: Tokenizer, mask_id: in
 
 
 def opening_clause(text: str, max_words: int) -> str:
-    """`text`'s opening clause with its comma, when a word follows the comma and at most `max_words` words
-    come before it; else "". A comma with no space after it ("1,000") does not end a clause."""
-    head, sep, tail = text.partition(", ")
-    if not sep or not tail.strip() or not 0 < len(head.split()) <= max_words:
-        return ""
-    return head + ","
+    """`text`'s opening clause with its comma, when at most `max_words` words come before it and the comma
+    ends it: a word follows the comma, or the comma closes `text` right after a letter (what comes next can
+    only begin a new word); else "". A comma inside a number ("1,000") does not end a clause."""
+    if ", " not in text and text.endswith(",") and text[-2:-1].isalpha():
+        head = text[:-1]
+    else:
+        head, sep, tail = text.partition(", ")
+        if not sep or not tail.strip():
+            return ""
+    return head + "," if 0 < len(head.split()) <= max_words else ""
 
 
 def unsaid(text: str, said: str) -> str:

@@ -191,6 +191,30 @@ def test_synthesize_all_and_pace(synth: Synthesizer) -> None:
     assert len(slow) > 1.25 * len(normal)
 
 
+def test_short_pieces_keep_their_audio() -> None:
+    """A piece of at most `CACHE_WORDS` words is synthesised once and then served from the cache (the same
+    audio, at once); a longer sentence is made each time; the cache is bounded and can be turned off."""
+    from tts.synth import CACHE_WORDS
+    synth = Synthesizer.load(SynthesizerOptions(cache_pieces=2))
+    first = synth.synthesize_all("I'm sorry,")
+    assert synth.cache_hits == 0 and len(first) > synth.sample_rate // 4
+    assert np.array_equal(synth.synthesize_all("I'm sorry,"), first) and synth.cache_hits == 1
+    long = "The library opens at nine on Saturday."
+    assert len(long.split()) > CACHE_WORDS
+    synth.synthesize_all(long)
+    synth.synthesize_all(long)
+    assert synth.cache_hits == 1
+    for piece in ("Hello!", "You're welcome!", "Sorry,"):
+        synth.synthesize_all(piece)
+    assert len(synth._pieces) == 2 and "I'm sorry," not in synth._pieces, "the least recently used went first"
+    off = Synthesizer.load(SynthesizerOptions(cache_pieces=0))
+    off.synthesize_all("Hello!")
+    off.synthesize_all("Hello!")
+    assert off.cache_hits == 0 and not off._pieces
+    with pytest.raises(ValueError, match="cache_pieces"):
+        SynthesizerOptions(cache_pieces=-1)
+
+
 def test_missing_voice_files(tmp_path) -> None:
     """A missing model or config raises VoiceLoadError naming the file."""
     with pytest.raises(VoiceLoadError, match="model not found") as info:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,8 @@ from .errors import SynthesisError, VoiceLoadError
 from .text import split_sentences
 
 __all__ = ["Synthesizer", "SynthesizerOptions"]
+
+CACHE_WORDS = 4  # the longest piece whose audio is kept: an opening clause ("I'm sorry,"), a short reply
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,11 @@ class SynthesizerOptions:
             voice's own (1.0 for joe).
         noise_scale: generator noise; None keeps the voice's own.
         noise_w_scale: phoneme duration noise; None keeps the voice's own.
+        cache_pieces: how many short pieces (at most `CACHE_WORDS` words: "I'm
+            sorry,", "Hello!", "You're welcome!") keep their audio, least
+            recently used dropped first, so a piece said again is ready at once:
+            a reply's first audio waits for its first piece. 0: none. Default 128
+            (about 6 MB).
     """
 
     model: str | Path | None = None
@@ -47,8 +55,11 @@ class SynthesizerOptions:
     length_scale: float | None = None
     noise_scale: float | None = None
     noise_w_scale: float | None = None
+    cache_pieces: int = 128
 
     def __post_init__(self) -> None:
+        if self.cache_pieces < 0:
+            raise ValueError(f"cache_pieces must be >= 0, got {self.cache_pieces}")
         if self.threads < 1:
             raise ValueError(f"threads must be at least 1, got {self.threads}")
         if self.length_scale is not None and self.length_scale <= 0:
@@ -96,6 +107,8 @@ class Synthesizer:
         self._voice = voice  # piper.PiperVoice
         self.options = options
         self._lock = threading.Lock()
+        self._pieces: OrderedDict[str, np.ndarray] = OrderedDict()  # short piece -> its audio (read-only)
+        self.cache_hits = 0
 
     @classmethod
     def load(cls, options: SynthesizerOptions | None = None) -> Synthesizer:
@@ -165,11 +178,27 @@ class Synthesizer:
         o = self.options
         syn = SynthesisConfig(length_scale=o.length_scale, noise_scale=o.noise_scale, noise_w_scale=o.noise_w_scale)
         for sentence in sentences:
+            keep = o.cache_pieces and len(sentence.split()) <= CACHE_WORDS
             try:
                 with self._lock:
-                    # espeak may still split a sentence of ours (e.g. at ":"); keep it one chunk.
-                    parts = [c.audio_int16_array for c in self._voice.synthesize(sentence, syn)]
+                    audio = self._pieces.get(sentence) if keep else None
+                    if audio is not None:
+                        self._pieces.move_to_end(sentence)
+                        self.cache_hits += 1
+                    else:  # espeak may still split a sentence of ours (e.g. at ":"); keep it one chunk.
+                        parts = [c.audio_int16_array for c in self._voice.synthesize(sentence, syn)]
             except Exception as e:  # piper and espeak raise assorted errors
                 raise SynthesisError(f"piper failed on {sentence!r}: {e}", sentence) from e
-            if parts:
-                yield np.concatenate(parts)
+            if audio is not None:
+                yield audio
+                continue
+            if not parts:
+                continue
+            audio = np.concatenate(parts)
+            if keep:
+                audio.setflags(write=False)  # shared by every later caller
+                with self._lock:
+                    self._pieces[sentence] = audio
+                    if len(self._pieces) > o.cache_pieces:
+                        self._pieces.popitem(last=False)
+            yield audio

@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 
 CACHE_MODES = ("auto", "exact", "window", "rolling", "approx", "none")
 PREFIX_CACHES = ("exact", "window", "rolling")  # modes whose prompt cache is exact: "prefix" models only
+HEAD_CHUNK = 64  # prompt-head tokens a prefill runs at a time, so a request that comes meanwhile waits little
 PRIORITY_BULK = 0  # the default: batch work, such as transcript cleanup
 PRIORITY_INTERACTIVE = 1  # someone is waiting to hear the answer
 # Numbers said as words: in the cleaned field they may stand twice side by side where the speaker said them so
@@ -65,13 +66,18 @@ class EngineOptions:
     # every step; window runs a block's later steps on its span; rolling runs a reply step on the positions it
     # reads and those just committed (each exact for the prompt; docs/MODEL_CARD.md).
     cache: str = "auto"
+    # The rolling cache's span also runs this many positions past the last one a step asks for. Those are
+    # masks still, and hold the model's plan for the words ahead; read stale, from before the frontier moved,
+    # they let a step splice two ways of saying the reply ("I'm sorry, sorry."; docs/BENCHMARKS.md).
+    rolling_lookahead: int = 8
     max_batch: int = 16
     # Rows of a batch of bulk requests (None: max_batch). An interactive request waits
     # behind the batch that is running; on a CPU a batch costs about its rows times one.
     max_bulk_batch: int | None = None
     max_queue: int = 64  # waiting requests; past this, submit raises EngineBusy
-    # Prompt heads (the instruction and a card) whose keys and values are kept between turns, in tokens all
-    # together, least recently used dropped first (0: off). A token costs 23 KB in bf16 at SmolLM2's size.
+    # Prompt heads (the instruction, a card and the history) whose keys and values are kept between turns, in
+    # tokens all together, least recently used dropped first (0: off). A token costs 23 KB in bf16 at
+    # SmolLM2's size, 46 KB in float32.
     head_cache_tokens: int = 8192
     batch_window_ms: float = 2.0  # how long the worker waits to gather a batch
     seed: int = 0  # per-request seed for temperature > 0, so results repeat
@@ -81,6 +87,8 @@ class EngineOptions:
             raise RequestError(f"cache must be one of {CACHE_MODES}, got {self.cache!r}")
         if self.max_batch < 1 or self.max_queue < 1 or (self.max_bulk_batch or 1) < 1:
             raise RequestError("max_batch, max_bulk_batch and max_queue must be at least 1")
+        if self.rolling_lookahead < 0:
+            raise RequestError(f"rolling_lookahead must be >= 0, got {self.rolling_lookahead}")
         if self.head_cache_tokens < 0:
             raise RequestError(f"head_cache_tokens must be >= 0, got {self.head_cache_tokens}")
 
@@ -290,9 +298,9 @@ class Engine:
         def rolling(canvas: Tensor, step: int, cols: Tensor) -> Tensor:
             """Each canvas position's keys and values are kept from the last step that ran it. A step runs
             only the span from the first to the last position it needs: those whose logits are asked for,
-            and those whose token changed since they last ran; the rest of the canvas is read from the
-            cache. Written left to right (`SamplerOptions.reply_frontier`), a reply's step then runs a few
-            positions, as autoregressive decoding would. Approximate: a kept position does not see what
+            those whose token changed since they last ran, and `EngineOptions.rolling_lookahead` more; the
+            rest of the canvas is read from the cache. Written left to right (`SamplerOptions.reply_frontier`),
+            a reply's step then runs a few positions, as autoregressive decoding would. Approximate: a kept position does not see what
             was committed after it last ran. So only steps that commit nothing but reply tokens take a
             span (the cleaned field, and a cleanup canvas, are written as with the exact cache), and a
             span of most of the canvas runs the whole canvas."""
@@ -300,6 +308,7 @@ class Engine:
             n = canvas.shape[1]
             first, last_col = int(cols[0]), int(cols[-1])
             lo, hi = (max(first - 1, 0), max(last_col, 1)) if shift else (first, last_col + 1)  # rows read
+            hi = min(n, hi + self.options.rolling_lookahead)
             if "ran" in state:
                 changed = (canvas != state["ran"]).any(0).nonzero().squeeze(-1)
                 if len(changed):
@@ -345,9 +354,9 @@ class Engine:
 
     def _prompt_cache(self, batch: list[Encoded]) -> tuple[tuple[KVCache, Tensor], Tensor]:
         """Keys and values of each row's prompt, its last hidden row (B, 1, D), and which key slots hold
-        real tokens (B, P). Row i is laid out as [padding, head i, padding, rest i]: the head (instruction
-        and card, `Encoded.head`) comes from the head cache, computed once per distinct head, and only the
-        rest (history, transcript) runs here. The prompt is causal, so this equals running it whole."""
+        real tokens (B, P). Row i is laid out as [padding, head i, padding, rest i]: the head (instruction,
+        card and history, `Encoded.head`) comes from the head cache (`_head_kv`), and only the rest (the
+        user's words) runs here. The prompt is causal, so this equals running it whole."""
         dev, pad = self.device, self.tok.end_id
         lens = [e.head if self.options.head_cache_tokens else 0 for e in batch]  # off: each prompt runs whole
         heads = [self._head_kv(tuple(e.prompt[:h])) for e, h in zip(batch, lens)]
@@ -374,27 +383,47 @@ class Engine:
                          [torch.cat(p, dim=2) for p in zip(past.values, kv.values)])
         return (kv, h[:, -1:]), valid
 
-    def _head_kv(self, head: tuple[int, ...]) -> KVCache | None:
-        """The keys and values (1, Hkv, h, D) of a prompt head, from the cache or computed and kept."""
+    def _head_kv(self, head: tuple[int, ...], *, should_stop: Callable[[], bool] | None = None) -> KVCache | None:
+        """The keys and values (1, Hkv, h, D) of a prompt head, from the cache or computed and kept.
+
+        A head not in the cache is computed from the longest cached head it begins with (the same
+        conversation a turn ago, or the instruction and card alone): only the tokens past it run. With
+        `should_stop`, they run `HEAD_CHUNK` at a time and stop when it says so, keeping the part done
+        (a later turn begins from it); then the return value is None."""
         if not head:
             return None
-        limit = self.options.head_cache_tokens
         with self._heads_lock:
             kv = self._heads.get(head)
             if kv is not None:
                 self._heads.move_to_end(head)
                 self.head_hits += 1
                 return kv
-        h = len(head)
-        tokens = torch.tensor([head], device=self.device)
-        _, kv = self.model.hidden(tokens, torch.arange(h, device=self.device)[None], prefix_len=h,
-                                  key_valid=torch.ones(1, h, dtype=torch.bool, device=self.device), save_cache=True)
-        if h <= limit:
-            with self._heads_lock:
-                self._heads[head] = kv
-                while sum(len(k) for k in self._heads) > limit:
-                    self._heads.popitem(last=False)
+            start = max((k for k in self._heads if len(k) < len(head) and head[:len(k)] == k), key=len, default=())
+            kv = self._heads.get(start)
+        done = len(start)
+        while done < len(head):
+            if should_stop is not None and done > len(start) and should_stop():
+                self._keep_head(head[:done], kv)  # a later turn begins from the part done
+                return None
+            end = len(head) if should_stop is None else min(len(head), done + HEAD_CHUNK)
+            tokens = torch.tensor([head[done:end]], device=self.device)
+            positions = torch.arange(done, end, device=self.device)[None]
+            _, new = self.model.hidden(tokens, positions, prefix_len=end, cache=kv, save_cache=True,
+                                       key_valid=torch.ones(1, end, dtype=torch.bool, device=self.device))
+            kv = new if kv is None else KVCache([torch.cat(p, dim=2) for p in zip(kv.keys, new.keys)],
+                                                [torch.cat(p, dim=2) for p in zip(kv.values, new.values)])
+            done = end
+        self._keep_head(head, kv)
         return kv
+
+    def _keep_head(self, head: tuple[int, ...], kv: KVCache) -> None:
+        limit = self.options.head_cache_tokens
+        if len(head) > limit:
+            return
+        with self._heads_lock:
+            self._heads[head] = kv
+            while sum(len(k) for k in self._heads) > limit:
+                self._heads.popitem(last=False)
 
     def _finish(self, enc: Encoded, ids: list[int], sampler: SamplerOptions, ms: float) -> TurnResult:
         cleaned = decode_field(ids, enc.field, 0, self.tok, self.cfg.mask_id)
@@ -486,6 +515,22 @@ class Engine:
         """Clean a transcript only (no reply field; a shorter canvas). `client`, `priority`: as for `respond`."""
         return await self._submit(self.encode(Turn(text), with_reply=False), self._sampler(steps),
                                   client=client, priority=priority)
+
+    async def prefill(self, turn: Turn) -> bool:
+        """Compute and keep the keys and values of `turn`'s prompt head (the instruction, a card, the history)
+        while the engine is idle, so that a turn with that head later runs only the user's new words. A voice
+        session calls it when a reply has been sent, with the history the next turn will have. It gives way
+        to requests: it stops, keeping the part done, as soon as one is waiting. Returns whether the whole
+        head is ready. `turn.transcript` is not read."""
+        if self._closed or not self.options.head_cache_tokens or self.cache_mode not in PREFIX_CACHES:
+            return False
+        enc = self.encode(replace(turn, transcript="."))
+        head = tuple(enc.prompt[:enc.head])
+        if not head or self._pending:
+            return False
+        kv = await asyncio.get_running_loop().run_in_executor(
+            self._thread, lambda: self._head_kv(head, should_stop=lambda: bool(self._pending)))
+        return kv is not None
 
     async def _submit(self, enc: Encoded, sampler: SamplerOptions, **extra) -> TurnResult:
         if self._closed:

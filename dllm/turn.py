@@ -74,8 +74,9 @@ class Encoded:
     with_reply: bool
     raw: str = ""
     meta: dict = field(default_factory=dict)
-    # The prompt's first `head` tokens (the start token and the system message: instruction and card) are the
-    # same on every turn that shares them; the engine keeps their keys and values between turns.
+    # The prompt's first `head` tokens: all but the user's new words (the start token, the system message with
+    # its instruction and card, and the history). Turns of one conversation, or of one kiosk, share them; the
+    # engine keeps their keys and values between turns.
     head: int = 0
 
     @property
@@ -118,8 +119,8 @@ def encode_turn(turn: Turn, tok: Tokenizer, chat: ChatFormat, *, mask_id: int,
                 break
             history = piece + history
             budget -= cost
-    prompt_text = head + history + chat.message("user", raw) + chat.assistant_open
-    prompt = tok.encode(prompt_text)
+    head += history
+    prompt = tok.encode(head + chat.message("user", raw) + chat.assistant_open)
     head_ids = tok.encode(head)
     head_len = len(head_ids) if prompt[:len(head_ids)] == head_ids else 0  # a token merged across the seam: no head
 

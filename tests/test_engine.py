@@ -44,21 +44,72 @@ def test_prefix_cache_is_exact(tiny_engine):
 
 
 def test_head_cache_is_exact_and_reused():
-    """A prompt's head (instruction and card) runs once and is reused by later turns; rows with different
-    heads, histories and transcripts batch together and fill their canvases as they would alone, uncached."""
+    """A prompt's head (instruction, card and history) runs once and is reused by later turns; rows with
+    different heads and transcripts batch together and fill their canvases as they would alone, uncached."""
     eng = make_tiny_engine()
     card = "Open 9 to 5. Closed Mondays."
     turns = [Turn("hi"), Turn("hello", knowledge=card), Turn("where is it", history=(("hi", "hello"),)),
              Turn("hello", knowledge="Tickets cost 4 pounds.")]
     encs = [eng.encode(t) for t in turns]
     assert len({e.shape_key for e in encs}) == 1 and all(e.head > 0 for e in encs)
-    assert encs[0].head == encs[2].head < encs[1].head, "the head is the instruction, plus the card when there is one"
+    assert encs[0].head < encs[1].head and encs[0].head < encs[2].head, "the instruction, a card, the history"
     alone = [eng.generate([e], cache="none")[0] for e in encs]
     assert eng.head_hits == 0
-    assert eng.generate(encs, cache="exact") == alone
-    assert eng.head_hits == 1, "rows 0 and 2 share a head: the batch computed it once"
+    assert eng.generate(encs + encs[:1], cache="exact") == alone + alone[:1]
+    assert eng.head_hits == 1, "rows 0 and 4 share a head: the batch computed it once"
     assert eng.generate(encs[1:2], cache="exact") == alone[1:2] and eng.head_hits == 2
     assert make_tiny_engine(head_cache_tokens=0).generate(encs, cache="exact") == alone
+
+
+CONVERSATION = [Turn("hi"), Turn("where is it", history=(("hi", "Hello."),)),
+                Turn("thanks", history=(("hi", "Hello."), ("where is it", "Upstairs.")))]
+
+
+def _layer_calls(eng) -> list[int]:
+    """The positions each model call runs, appended as the engine calls its model."""
+    ran: list[int] = []
+    eng.model.layers[0].register_forward_hook(lambda m, i, o: ran.append(i[0].shape[1]))
+    return ran
+
+
+def test_a_conversation_head_runs_only_the_turn_added_since():
+    """A head not in the cache is computed from the longest cached head it begins with: the same
+    conversation a turn ago, so only the turn added since runs. The canvas is filled as without the cache."""
+    eng, uncached = make_tiny_engine(), make_tiny_engine(head_cache_tokens=0)
+    ran = _layer_calls(eng)
+    encs = [eng.encode(t) for t in CONVERSATION]
+    assert encs[0].head < encs[1].head < encs[2].head
+    for before, enc in zip([None] + encs, encs):
+        ran.clear()
+        assert eng.generate([enc]) == uncached.generate([enc])
+        assert ran[:2] == [enc.head - (before.head if before else 0), len(enc.prompt) - enc.head], ran
+
+
+async def test_prefill_readies_the_next_turns_head():
+    """`prefill` computes a turn's head ahead of its words; the turn then runs only the words."""
+    eng = make_tiny_engine()
+    ran = _layer_calls(eng)
+    assert await eng.prefill(CONVERSATION[2])
+    enc = eng.encode(CONVERSATION[2])
+    ran.clear()
+    assert eng.generate([enc]) == make_tiny_engine(head_cache_tokens=0).generate([enc])
+    assert eng.head_hits == 1 and ran[0] == len(enc.prompt) - enc.head
+    assert not await make_tiny_engine(head_cache_tokens=0).prefill(CONVERSATION[2]), "no cache, no prefill"
+    await eng.close()
+
+
+def test_prefill_gives_way_and_keeps_the_part_done():
+    """Asked to stop, a prefill ends after its first `HEAD_CHUNK` tokens and keeps them; a turn begins there."""
+    from dllm.engine import HEAD_CHUNK
+    eng = make_tiny_engine()
+    enc = eng.encode(CONVERSATION[2])
+    head = tuple(enc.prompt[:enc.head])
+    assert len(head) > HEAD_CHUNK
+    assert eng._head_kv(head, should_stop=lambda: True) is None
+    assert list(eng._heads) == [head[:HEAD_CHUNK]]
+    ran = _layer_calls(eng)
+    assert eng.generate([enc]) == make_tiny_engine(head_cache_tokens=0).generate([enc])
+    assert ran[0] == len(head) - HEAD_CHUNK
 
 
 def test_head_cache_is_bounded():
@@ -116,12 +167,14 @@ def test_window_cache_reads_the_right_rows(shift, span):
         torch.testing.assert_close(predict["window"](canvas, step, c), predict["exact"](canvas, step, c))
 
 
+@pytest.mark.parametrize("ahead", [0, 8])
 @pytest.mark.parametrize("shift", [True, False])
-def test_rolling_cache_runs_the_span_and_keeps_the_rest(shift):
-    """The rolling cache: a step that asks only for reply positions runs only those it reads and those changed
-    since they last ran. With every kept position current its logits equal the exact cache's; a step asking
-    for a position outside the reply, or a span past three quarters of the canvas, runs the whole canvas."""
-    eng = make_tiny_engine(shift=shift)
+def test_rolling_cache_runs_the_span_and_keeps_the_rest(shift, ahead):
+    """The rolling cache: a step that asks only for reply positions runs only those it reads, those changed
+    since they last ran and `ahead` after them. With every kept position current its logits equal the exact
+    cache's; a step asking for a position outside the reply, or a span past three quarters of the canvas, runs
+    the whole canvas."""
+    eng = make_tiny_engine(shift=shift, rolling_lookahead=ahead)
     enc = eng.encode(Turn(QUESTIONS[1]))
     predict = _predictors(eng, enc, ("exact", "rolling"))
     canvas, N = torch.tensor([enc.canvas]), len(enc.canvas)
@@ -140,13 +193,13 @@ def test_rolling_cache_runs_the_span_and_keeps_the_rest(shift):
     reply = in_reply.nonzero().flatten()
     r0 = int(reply[0])
     assert rolling(0, torch.arange(N)) == N
-    assert rolling(1, reply[3:7]) == 4
-    assert rolling(2, reply[[0, 2]]) == 3
+    assert rolling(1, reply[3:7]) == 4 + ahead
+    assert rolling(2, reply[[0, 2]]) == 3 + ahead
     assert rolling(3, torch.tensor([r0 - 3, r0])) == N, "a cleaned position asked for: the whole canvas"
     canvas[0, [r0, r0 + 2]] = 65  # committed: those positions run again, with the ones read
     calls.clear()
     predict["rolling"](canvas, 4, reply[8:10])
-    assert calls[-1] == (r0 + 9 if shift else r0 + 10) - r0, calls
+    assert calls[-1] == (r0 + 9 if shift else r0 + 10) - r0 + ahead, calls
     assert rolling(5, torch.arange(N)) == N
 
 
@@ -691,8 +744,8 @@ def test_settled_reply_waits_for_the_token_after_a_full_stop():
 
 
 def test_settled_reply_may_end_at_a_short_opening_clause():
-    """With `clause_words`, "I'm sorry," is settled once the word after its comma is committed, while its
-    sentence is still open; a longer opening, a comma inside a number, or no word after the comma is not."""
+    """With `clause_words`, "I'm sorry," is settled once its comma is committed, while its sentence is still
+    open; a longer opening, or a comma that may lie inside a number, is not."""
     from dllm.canvas import LEAD_CLAUSE_WORDS, canvas_step, settled_reply
     from dllm.turn import Encoded
     tok = make_tiny_engine().tok
@@ -703,8 +756,10 @@ def test_settled_reply_may_end_at_a_short_opening_clause():
         return settled_reply(ids, [1] * len(ids), tok, mask, clause_words=words)
     assert settled(" I'm sorry, I") == "I'm sorry,"
     assert settled(" I'm sorry, I", words=0) == "", "sentences only, as before"
-    assert settled(" I'm sorry,") == "", "the word after the comma is not known yet"
+    assert settled(" I'm sorry,") == "I'm sorry,", "nothing that follows a comma after a word can join it"
     assert settled(" It costs 1,000") == ""
+    assert settled(" It costs 1,") == "", "a digit may follow the comma"
+    assert settled(" I'm sorry") == ""
     assert settled(" The library on the hill opens, then") == "", "five words before the comma"
     assert settled(" Sure. Okay, then") == "Sure.", "a whole sentence comes first"
     ids = tok.encode(" Sorry, I can") + [mask]

@@ -275,6 +275,24 @@ async def test_typed_turn_and_empty_reply():
     assert events[-1]["voice_to_voice_ms"] is None
 
 
+async def test_the_next_turns_head_is_computed_while_the_reply_plays(real_engine):
+    """When a turn is done, the engine computes the next turn's prompt head (the history with that turn in
+    it) before the next words come, and the next turn reads it from the cache."""
+    from dllm import Turn
+    session = await start(services(real_engine, asr=False, tts=False))  # no playback for the next turn to cut
+    await session.feed(P.TextTurn("hi there"))
+    await collect(session, "turn.done")
+    await asyncio.wait_for(session.prefill, 30)
+    history = session.conversation.history()
+    enc = real_engine.encode(Turn("where is it", history=history))
+    assert len(history) == 1 and tuple(enc.prompt[:enc.head]) in real_engine._heads
+    hits = real_engine.head_hits
+    await session.feed(P.TextTurn("where is the library"))
+    await collect(session, "turn.done")
+    await session.close()
+    assert real_engine.head_hits == hits + 1
+
+
 @pytest.mark.parametrize("reply, settled", [
     ("The library opens at nine. It closes at five.", "The library opens at nine."),
     ("I'm sorry, I don't know that.", "I'm sorry,"),  # the opening clause, settled before its sentence

@@ -626,6 +626,7 @@ class VoiceSession:
                       OutputStage(config, self.output_rate, notify)):
             self.stages.append(self.stages[-1].link(stage))
         self._tasks: list[asyncio.Task] = []
+        self.prefill: asyncio.Task | None = None  # the next turn's prompt head, computed while a reply plays
         self.failed: BaseException | None = None
         self.errors = 0
         self.started_at = now()
@@ -667,7 +668,7 @@ class VoiceSession:
 
     async def close(self, timeout: float = 2.0) -> None:
         """Cancel every stage now (the client went away) and close the outbox."""
-        await cancel_and_wait(self._tasks, timeout)
+        await cancel_and_wait(self._tasks + ([self.prefill] if self.prefill else []), timeout)
         await self.outbox.close()
 
     def idle_since(self) -> float | None:
@@ -737,6 +738,7 @@ class VoiceSession:
                 v2v = None if record.typed or record.first_audio is None else _ms(record.started, record.first_audio)
                 done = P.turn_done(record.turn_id, timings=dict(record.timings), voice_to_voice_ms=v2v)
                 await self._on_event(SayForTurn(record, done))
+                self._prefill_next_turn()
             case EndpointHint():  # what a tentative turn's words say of the endpoint, for the input stage
                 await self.input.inbox.put(event)
             case AudioFlushed(record):
@@ -746,6 +748,22 @@ class VoiceSession:
                 await self._report(exc, frame)
             case _:
                 raise TypeError(f"not a session event: {event!r}")
+
+    def _prefill_next_turn(self) -> None:
+        """While the reply plays, the engine computes the next turn's prompt head (the history, this turn in
+        it), so that turn runs only its new words (`dllm.Engine.prefill`; an engine without it is left be)."""
+        prefill = getattr(self.services.engine, "prefill", None)
+        if prefill is None or self.prefill is not None and not self.prefill.done():
+            return
+        from dllm import Turn
+        turn = Turn(".", history=self.conversation.history(), knowledge=self.config.knowledge)
+
+        async def run() -> None:
+            try:
+                await prefill(turn)
+            except Exception:  # only a head start lost: the next turn computes its head itself
+                log.warning("session %s: the next turn's prefill failed", self.id, exc_info=True)
+        self.prefill = asyncio.create_task(run(), name=f"session-{self.id}-prefill")
 
     def _on_event_nowait(self, event: SayForTurnNow) -> None:
         """The canvas callback's `notify`: on the loop, never waiting; dropped if the outbox is full."""

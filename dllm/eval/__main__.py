@@ -22,6 +22,7 @@ written down by Whisper, cleaned alone and as voice turns.
     python -m dllm.eval --adapter runs/voice-v2/adapter --sets held-out --json
     python -m dllm.eval --sets spoken                     # real speech: the held-out speech round trip
     python -m dllm.eval --threshold 0.7,0.8               # the reply frontier's bar for a second commit a step
+    python -m dllm.eval --lookahead 0,8                   # a rolling-cache step also runs the 8 masks past the frontier
 """
 from __future__ import annotations
 
@@ -223,6 +224,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--frontier", default=None,
                    help="SamplerOptions.reply_frontier: 0 (the reply paced with its block) or how many of its first open "
                         "positions a step may commit from; a comma list gives a row for each")
+    p.add_argument("--lookahead", default=None,
+                   help="EngineOptions.rolling_lookahead: masked positions past the frontier that a rolling-cache step "
+                        "runs too (default 8); a comma list gives a row for each")
     p.add_argument("--sets", default="held-out,dev", help="comma list of held-out, spoken, dev")
     p.add_argument("--heldout", default="data/heldout.jsonl")
     p.add_argument("--spoken", default="data/heldout_spoken.jsonl")
@@ -255,14 +259,16 @@ def main(argv: list[str] | None = None) -> None:
     penalties = [None] if args.copy_penalty is None else args.copy_penalty.split(",")
     frontiers = [None] if args.frontier is None else [int(x) for x in args.frontier.split(",")]
     thresholds = [None] if args.threshold is None else [float(x) for x in args.threshold.split(",")]
+    lookaheads = [None] if args.lookahead is None else [int(x) for x in args.lookahead.split(",")]
     steps = [int(x) for x in args.steps.split(",")]
     engine, loaded = None, None
-    for precision, k, lead, first, cache, penalty, frontier, threshold in itertools.product(
-            args.precision.split(","), steps, leads, lead_steps, caches, penalties, frontiers, thresholds):
+    for precision, k, lead, first, cache, penalty, frontier, threshold, ahead in itertools.product(
+            args.precision.split(","), steps, leads, lead_steps, caches, penalties, frontiers, thresholds, lookaheads):
         if loaded != precision:
             engine, loaded = load_engine_for_eval(adapter, args.threads, args.device, precision), precision
-            default_cache = engine.cache_mode
+            default_cache, default_options = engine.cache_mode, engine.options
         engine.cache_mode = cache or default_cache
+        engine.options = default_options if ahead is None else replace(default_options, rolling_lookahead=ahead)
         base = replace(engine.options.sampler, steps=k)
         if lead is not None:
             base = replace(base, lead_tokens=lead)
@@ -287,6 +293,8 @@ def main(argv: list[str] | None = None) -> None:
                 label = f"{label}, frontier {frontier}"
             if threshold is not None:
                 label = f"{label}, threshold {threshold:g}"
+            if ahead is not None:
+                label = f"{label}, lookahead {ahead}"
             if precision != "auto":
                 label = f"{label}, {precision}"
             results = evaluate(engine, sets, sampler)

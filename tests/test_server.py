@@ -402,3 +402,23 @@ async def test_bench_counts_the_silence_between_the_pieces_of_a_reply(hold_s):
         assert sample.timings["stall_ms"] > (hold_s - clause_s) * 1000 - 300, (sample.timings, clause_s)
     else:
         assert sample.timings["stall_ms"] < 100, sample.timings
+
+
+async def test_bench_conversation_plays_each_question_after_the_reply_before():
+    """voice.bench --conversation: the questions go to one session, each after the reply before it has
+    played, so none cuts a reply short and every turn after the first carries the ones before."""
+    from voice.bench import QUESTIONS, conversation, speak_questions
+
+    engine = ScriptedEngine(reply="I'm sorry, I don't know that.")
+    server = VoiceServer(Services(engine, transcriber(), synthesizer()),
+                         ServerOptions(port=0, session=SessionConfig(partial_every_ms=0)))
+    await server.start()
+    try:
+        samples = await conversation(server.url, speak_questions(2), timeout=120)
+    finally:
+        await server.close()
+    assert [s.error for s in samples] == [None, None]
+    assert [s.reply for s in samples] == ["I'm sorry, I don't know that."] * 2
+    assert [len(t.history) for t in engine.calls] == [0, 1]
+    assert engine.calls[1].history[0] == (samples[0].transcript, "I'm sorry, I don't know that.")
+    assert "saturday" in words(samples[0].transcript) and QUESTIONS[0] == samples[0].question

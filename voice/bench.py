@@ -7,11 +7,15 @@
     python -m voice.bench --n 10 --cache exact,rolling  # each step on the whole canvas, or on the span it needs
     python -m voice.bench --n 10 --frontier 0,4   # the reply paced with its block, or written from its left edge
     python -m voice.bench --n 10 --peer --peer-python PEER/bin/python  # then Pipecat + llama.cpp (voice.peer_bench)
+    python -m voice.bench --n 10 --lookahead 0,8  # a reply step runs the masks past its frontier too, or not
+    python -m voice.bench --n 10 --tts-cache 0,128  # every piece synthesised, or short ones kept
+    python -m voice.bench --n 6 --conversation --head-cache 0,8192  # one session: later turns carry a history
 
 Each of N questions (a fixed list, spoken by piper and resampled to 16 kHz)
-goes to a fresh /ws session in 20 ms frames at real-time pace, followed by
-real-time silence until the server's endpointer closes the utterance and the
-turn ends, as a microphone would. The `turn.done` timings are collected and
+goes to a fresh /ws session (with `--conversation`, all to one, each once
+the reply before it has played) in 20 ms frames at real-time pace, followed
+by real-time silence until the server's endpointer closes the utterance and
+the turn ends, as a microphone would. The `turn.done` timings are collected and
 the median and p95 of every stage and of `voice_to_voice_ms` (end of speech
 to the first reply audio sent) are printed as a table, with the command and
 the machine. Nothing is timed inside a test; see docs/BENCHMARKS.md.
@@ -87,76 +91,106 @@ async def one_turn(url: str, question: str, pcm: np.ndarray, *, chunk_ms: int = 
     `stall_ms` (in the sample's timings): how long the reply's audio would have run dry after it started,
     for a client that plays each chunk as it comes (a reply spoken in pieces, the next made while one plays).
     """
+    return (await conversation(url, [(question, pcm)], chunk_ms=chunk_ms, speed=speed, timeout=timeout))[0]
+
+
+async def conversation(url: str, utterances: list[tuple[str, np.ndarray]], *, chunk_ms: int = 20,
+                       speed: float = 1.0, timeout: float = 300.0, log=None) -> list[TurnSample]:
+    """Play the utterances into one session, as `one_turn` plays one: each after the reply before it has
+    played and `REPLY_GAP_S` more, so that every turn after the first has a history."""
     from websockets.asyncio.client import connect
 
+    samples = []
+    async with connect(url.rstrip("/") + "/ws", max_size=None) as ws:
+        await ws.send(json.dumps({"type": "session.start", "sample_rate": 16000}))
+        for i, (question, pcm) in enumerate(utterances):
+            samples.append(await _play_turn(ws, question, pcm, chunk_ms=chunk_ms, speed=speed, timeout=timeout,
+                                            linger=i + 1 < len(utterances)))
+            if log is not None:
+                log(samples[-1])
+    return samples
+
+
+REPLY_GAP_S = 0.5  # between the end of a reply's audio and the next question, in a conversation
+
+
+async def _play_turn(ws, question: str, pcm: np.ndarray, *, chunk_ms: int, speed: float, timeout: float,
+                     linger: bool) -> TurnSample:
+    """One utterance into the open session, in real time, then silence until turn.done (and with `linger`,
+    on until the reply has played and `REPLY_GAP_S` more)."""
     sample = TurnSample(question)
     chunk = 16000 * chunk_ms // 1000
     silence = bytes(chunk * 2)
     data = pcm.astype("<i2").tobytes()
     frames = [data[i:i + chunk * 2] for i in range(0, len(data), chunk * 2)]
-    async with connect(url.rstrip("/") + "/ws", max_size=None) as ws:
-        await ws.send(json.dumps({"type": "session.start", "sample_rate": 16000}))
-        done = asyncio.Event()
-        rate, played_until, stall = 0, 0.0, 0.0  # the reply's sample rate; when what came so far has played
+    stop = asyncio.Event()
+    rate, played_until, stall = 0, 0.0, 0.0  # the reply's sample rate; when what came so far has played
 
-        async def send() -> None:
-            t0 = time.monotonic()
-            i = 0
-            while not done.is_set():
-                await ws.send(frames[i] if i < len(frames) else silence)
-                i += 1
-                await asyncio.sleep(max(0.0, t0 + i * chunk_ms / 1000 / speed - time.monotonic()))
+    async def send() -> None:
+        t0 = time.monotonic()
+        i = 0
+        while not stop.is_set():
+            await ws.send(frames[i] if i < len(frames) else silence)
+            i += 1
+            await asyncio.sleep(max(0.0, t0 + i * chunk_ms / 1000 / speed - time.monotonic()))
 
-        async def receive() -> None:
-            nonlocal rate, played_until, stall
-            async for msg in ws:
-                if isinstance(msg, bytes):
-                    sample.audio_bytes += len(msg)
-                    if rate:
-                        t = time.monotonic()
-                        if played_until and t > played_until:
-                            stall += t - played_until
-                        played_until = max(t, played_until) + len(msg) / 2 / rate
-                    continue
-                ev = json.loads(msg)
-                kind = ev["type"]
-                if kind == "audio.start":
-                    rate, played_until = ev["sample_rate"], 0.0
-                elif kind == "transcript.final":
-                    sample.transcript = ev["text"]
-                elif kind == "turn.reply":
-                    sample.reply = ev["text"]
-                elif kind == "error":
-                    sample.error = f"{ev['code']}: {ev['message']}"
-                elif kind == "turn.done":
-                    sample.timings = {k: v for k, v in ev["timings"].items() if v is not None}
-                    if rate:
-                        sample.timings["stall_ms"] = stall * 1000
-                    sample.voice_to_voice_ms = ev["voice_to_voice_ms"]
-                    done.set()
-                    return
+    async def receive() -> None:
+        nonlocal rate, played_until, stall
+        async for msg in ws:
+            if isinstance(msg, bytes):
+                sample.audio_bytes += len(msg)
+                if rate:
+                    t = time.monotonic()
+                    if played_until and t > played_until:
+                        stall += t - played_until
+                    played_until = max(t, played_until) + len(msg) / 2 / rate
+                continue
+            ev = json.loads(msg)
+            kind = ev["type"]
+            if kind == "audio.start":
+                rate, played_until = ev["sample_rate"], 0.0
+            elif kind == "transcript.final":
+                sample.transcript = ev["text"]
+            elif kind == "turn.reply":
+                sample.reply = ev["text"]
+            elif kind == "error":
+                sample.error = f"{ev['code']}: {ev['message']}"
+            elif kind == "turn.done":
+                sample.timings = {k: v for k, v in ev["timings"].items() if v is not None}
+                if rate:
+                    sample.timings["stall_ms"] = stall * 1000
+                sample.voice_to_voice_ms = ev["voice_to_voice_ms"]
+                return
 
-        sender = asyncio.create_task(send())
-        try:
-            await asyncio.wait_for(receive(), timeout)
-        except asyncio.TimeoutError:
-            sample.error = f"no turn.done within {timeout:g} s"
-        finally:
-            done.set()
-            sender.cancel()
-            await asyncio.gather(sender, return_exceptions=True)
+    sender = asyncio.create_task(send())
+    try:
+        await asyncio.wait_for(receive(), timeout)
+        if linger:
+            await asyncio.sleep(max(0.0, played_until - time.monotonic()) + REPLY_GAP_S)
+    except asyncio.TimeoutError:
+        sample.error = f"no turn.done within {timeout:g} s"
+    finally:
+        stop.set()
+        sender.cancel()
+        await asyncio.gather(sender, return_exceptions=True)
     return sample
 
 
 async def run_bench(url: str, utterances: list[tuple[str, np.ndarray]], *, chunk_ms: int = 20,
-                    speed: float = 1.0, log=print) -> list[TurnSample]:
+                    speed: float = 1.0, in_one_session: bool = False, log=print) -> list[TurnSample]:
+    """Each utterance in a session of its own, or with `in_one_session` all in one (`conversation`)."""
+    def report(s: TurnSample, i: int) -> None:
+        v2v = f"{s.voice_to_voice_ms:.0f} ms" if s.voice_to_voice_ms is not None else "-"
+        log(f"[{i}/{len(utterances)}] {s.question!r} -> heard {s.transcript!r}, reply {s.reply!r}, "
+            f"voice-to-voice {v2v}" + (f", ERROR {s.error}" if s.error else ""))
+    if in_one_session:
+        count = iter(range(1, len(utterances) + 1))
+        return await conversation(url, utterances, chunk_ms=chunk_ms, speed=speed,
+                                  log=lambda s: report(s, next(count)))
     samples = []
     for i, (question, pcm) in enumerate(utterances, 1):
-        s = await one_turn(url, question, pcm, chunk_ms=chunk_ms, speed=speed)
-        samples.append(s)
-        v2v = f"{s.voice_to_voice_ms:.0f} ms" if s.voice_to_voice_ms is not None else "-"
-        log(f"[{i}/{len(utterances)}] {question!r} -> heard {s.transcript!r}, reply {s.reply!r}, "
-            f"voice-to-voice {v2v}" + (f", ERROR {s.error}" if s.error else ""))
+        samples.append(await one_turn(url, question, pcm, chunk_ms=chunk_ms, speed=speed))
+        report(samples[-1], i)
     return samples
 
 
@@ -234,10 +268,13 @@ async def _main(args: argparse.Namespace) -> int:
               f"{args.precision} precision)")
     else:
         print(f"server: {url}")
-    # Variants run in turn on the same loaded models: the sampler's lead, or the pause that starts a turn.
+    # Variants run in turn on the same loaded models (each change stays for the variants after it): the sampler's
+    # lead, the cache, or the pause that starts a turn.
     variants: list[tuple[str, str, int | str]] = []
     for name, value in (("lead_tokens", args.lead), ("lead_steps", args.lead_steps), ("pause_ms", args.pause_ms),
-                        ("cache", args.cache), ("reply_frontier", args.frontier)):
+                        ("cache", args.cache), ("reply_frontier", args.frontier),
+                        ("rolling_lookahead", args.lookahead), ("head_cache_tokens", args.head_cache),
+                        ("cache_pieces", args.tts_cache)):
         if value is not None and server is None:
             print(f"{name} variants need the in-process server; ignored")
         elif value is not None:
@@ -248,6 +285,11 @@ async def _main(args: argparse.Namespace) -> int:
             if name in ("lead_tokens", "lead_steps", "reply_frontier"):
                 engine = services.engine
                 engine.options = replace(engine.options, sampler=replace(engine.options.sampler, **{name: value}))
+            elif name in ("rolling_lookahead", "head_cache_tokens"):
+                services.engine.options = replace(services.engine.options, **{name: value})
+            elif name == "cache_pieces":
+                synth = services.synthesizer
+                synth.options = replace(synth.options, cache_pieces=value)
             elif name == "cache":
                 services.engine.cache_mode = value
             elif name == "pause_ms":
@@ -257,7 +299,8 @@ async def _main(args: argparse.Namespace) -> int:
                 server.options = replace(server.options, session=replace(session, vad=vad))
             if name:
                 print(f"\n--- {label} ---")
-            runs[label] = await run_bench(url, utterances, chunk_ms=args.chunk_ms, speed=args.speed)
+            runs[label] = await run_bench(url, utterances, chunk_ms=args.chunk_ms, speed=args.speed,
+                                          in_one_session=args.conversation)
     finally:
         if server is not None:
             await server.close()
@@ -318,6 +361,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, help="CPU threads per model")
     p.add_argument("--precision", default="auto", choices=PRECISION_CHOICES,
                    help="the dLLM's weights (in-process server; auto: bf16 where fast, else int8 on a CPU)")
+    p.add_argument("--conversation", action="store_true",
+                   help="all questions in one session, each after the reply before it has played: the turns after the "
+                        "first carry a history (default: a fresh session per question)")
+    p.add_argument("--head-cache", help="comma list of EngineOptions.head_cache_tokens to run in turn (in-process "
+                                        "server), e.g. 0,8192: every prompt run whole, or its head kept and prefilled")
+    p.add_argument("--tts-cache", help="comma list of tts.SynthesizerOptions.cache_pieces to run in turn (in-process "
+                                       "server), e.g. 0,128: every piece synthesised, or short ones kept")
     p.add_argument("--chunk-ms", type=int, default=20, help="audio per frame (default 20)")
     p.add_argument("--speed", type=float, default=1.0, help="1.0 sends audio in real time")
     p.add_argument("--json", metavar="FILE", help="also write every turn's sample here")
@@ -329,6 +379,8 @@ def main(argv: list[str] | None = None) -> int:
                                    "e.g. exact,rolling: each step runs the whole canvas, or only the span it needs")
     p.add_argument("--frontier", help="comma list of SamplerOptions.reply_frontier to run in turn (in-process server), "
                                       "e.g. 0,4: the reply paced with its block, or written from its left edge")
+    p.add_argument("--lookahead", help="comma list of EngineOptions.rolling_lookahead to run in turn (in-process "
+                                       "server): masked positions past the reply's frontier that a step runs too")
     p.add_argument("--pause-ms", help="comma list of asr.VADOptions.pause_ms to run in turn (in-process server), "
                                       "e.g. 0,200: the turn waits for the endpoint, or starts at a 200 ms pause")
     p.add_argument("--peer", action="store_true",

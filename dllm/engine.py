@@ -4,10 +4,11 @@
 prompts are left-padded into one (B, P) block whose keys and values are
 computed once (the prefix cache), then each of the K steps runs only the
 canvas (B, N) against that cache. For models trained with the "prefix"
-structure the prompt cache is exact, and a prompt's head (the instruction and
-a card) is kept between turns; the rolling cache also keeps the canvas's keys
-and values, so a step that writes the reply runs only the few positions it
-needs. For bidirectional models (LLaDA, Dream) the "approx" mode follows
+structure the prompt cache is exact, and a prompt's head (the instruction, a
+card and the history) is kept between turns, and can be computed ahead
+(`prefill`) while a reply plays; the rolling cache also keeps the canvas's
+keys and values, so a step that writes the reply runs only the few positions
+it needs. For bidirectional models (LLaDA, Dream) the "approx" mode follows
 Fast-dLLM: the prompt's keys and values are refreshed once per
 semi-autoregressive block and reused within it.
 
@@ -77,8 +78,8 @@ class EngineOptions:
     max_queue: int = 64  # waiting requests; past this, submit raises EngineBusy
     # Prompt heads (the instruction, a card and the history) whose keys and values are kept between turns, in
     # tokens all together, least recently used dropped first (0: off). A token costs 23 KB in bf16 at
-    # SmolLM2's size, 46 KB in float32.
-    head_cache_tokens: int = 8192
+    # SmolLM2's size, 46 KB in float32: 4096 tokens, about 190 MB, hold the heads of 20 to 40 conversations.
+    head_cache_tokens: int = 4096
     batch_window_ms: float = 2.0  # how long the worker waits to gather a batch
     seed: int = 0  # per-request seed for temperature > 0, so results repeat
 
@@ -300,10 +301,10 @@ class Engine:
             only the span from the first to the last position it needs: those whose logits are asked for,
             those whose token changed since they last ran, and `EngineOptions.rolling_lookahead` more; the
             rest of the canvas is read from the cache. Written left to right (`SamplerOptions.reply_frontier`),
-            a reply's step then runs a few positions, as autoregressive decoding would. Approximate: a kept position does not see what
-            was committed after it last ran. So only steps that commit nothing but reply tokens take a
-            span (the cleaned field, and a cleanup canvas, are written as with the exact cache), and a
-            span of most of the canvas runs the whole canvas."""
+            a reply's step then runs a few positions, as autoregressive decoding would. Approximate: a kept
+            position does not see what was committed after it last ran. So only steps that commit nothing
+            but reply tokens take a span (the cleaned field, and a cleanup canvas, are written as with the
+            exact cache), and a span of most of the canvas runs the whole canvas."""
             self.forward_calls += 1
             n = canvas.shape[1]
             first, last_col = int(cols[0]), int(cols[-1])
@@ -400,6 +401,8 @@ class Engine:
                 return kv
             start = max((k for k in self._heads if len(k) < len(head) and head[:len(k)] == k), key=len, default=())
             kv = self._heads.get(start)
+            if kv is not None:  # in use: the instruction's head, shared by every new conversation, stays
+                self._heads.move_to_end(start)
         done = len(start)
         while done < len(head):
             if should_stop is not None and done > len(start) and should_stop():

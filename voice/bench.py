@@ -9,7 +9,7 @@
     python -m voice.bench --n 10 --peer --peer-python PEER/bin/python  # then Pipecat + llama.cpp (voice.peer_bench)
     python -m voice.bench --n 10 --lookahead 0,8  # a reply step runs the masks past its frontier too, or not
     python -m voice.bench --n 10 --tts-cache 0,128  # every piece synthesised, or short ones kept
-    python -m voice.bench --n 6 --conversation --head-cache 0,8192  # one session: later turns carry a history
+    python -m voice.bench --n 6 --conversation --head-cache 0,4096  # one session: later turns carry a history
 
 Each of N questions (a fixed list, spoken by piper and resampled to 16 kHz)
 goes to a fresh /ws session (with `--conversation`, all to one, each once
@@ -365,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="all questions in one session, each after the reply before it has played: the turns after the "
                         "first carry a history (default: a fresh session per question)")
     p.add_argument("--head-cache", help="comma list of EngineOptions.head_cache_tokens to run in turn (in-process "
-                                        "server), e.g. 0,8192: every prompt run whole, or its head kept and prefilled")
+                                        "server), e.g. 0,4096: every prompt run whole, or its head kept and prefilled")
     p.add_argument("--tts-cache", help="comma list of tts.SynthesizerOptions.cache_pieces to run in turn (in-process "
                                        "server), e.g. 0,128: every piece synthesised, or short ones kept")
     p.add_argument("--chunk-ms", type=int, default=20, help="audio per frame (default 20)")

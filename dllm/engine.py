@@ -134,7 +134,9 @@ class Engine:
         self._repeats_cache: tuple[Repeats, dict[str, list[int]]] | None = None
         self._heads: OrderedDict[tuple[int, ...], KVCache] = OrderedDict()  # prompt head -> its keys and values
         self._heads_lock = threading.Lock()  # run() may be called from more than one thread
+        self._words: set[tuple[int, ...]] = set()  # the heads' entries that a prefill of partial words made
         self.head_hits = 0  # turns whose prompt head came from the cache, for tests and benchmarks
+        self.word_hits = 0  # turns that found some of the user's words in the cache too (a partial's prefill)
         self._pending: deque[_Pending] = deque()
         self._batches = 0
         self._last_served: dict[object, int] = {}  # client -> number of the last batch it had a request in
@@ -359,8 +361,7 @@ class Engine:
         card and history, `Encoded.head`) comes from the head cache (`_head_kv`), and only the rest (the
         user's words) runs here. The prompt is causal, so this equals running it whole."""
         dev, pad = self.device, self.tok.end_id
-        lens = [e.head if self.options.head_cache_tokens else 0 for e in batch]  # off: each prompt runs whole
-        heads = [self._head_kv(tuple(e.prompt[:h])) for e, h in zip(batch, lens)]
+        lens, heads = zip(*(self._prompt_start(e) for e in batch))
         rests = [e.prompt[h:] for e, h in zip(batch, lens)]
         H, R = max(lens), max(len(r) for r in rests)
         head_valid = torch.tensor([[False] * (H - h) + [True] * h for h in lens], dtype=torch.bool, device=dev)
@@ -383,6 +384,30 @@ class Engine:
             kv = KVCache([torch.cat(p, dim=2) for p in zip(past.keys, kv.keys)],
                          [torch.cat(p, dim=2) for p in zip(past.values, kv.values)])
         return (kv, h[:, -1:]), valid
+
+    def _prompt_start(self, enc: Encoded) -> tuple[int, KVCache | None]:
+        """How many of `enc`'s prompt tokens come from the cache, and their keys and values: its head, or
+        more where a prefill of the user's first words (`prefill(..., words=True)`, from a partial
+        transcript) left a run of them that this prompt begins with too; (0, None) with the cache off."""
+        h = enc.head if self.options.head_cache_tokens else 0
+        if not h:
+            return 0, None
+        prompt = tuple(enc.prompt)
+        best, key = h, None
+        with self._heads_lock:
+            for k in self._heads:
+                if len(k) > h and k[:h] == prompt[:h]:
+                    n = h  # the tokens shared past the head; the last prompt token always runs (its row is read)
+                    while n < min(len(k), len(prompt) - 1) and k[n] == prompt[n]:
+                        n += 1
+                    if n > best:
+                        best, key = n, k
+            if key is not None:
+                self._heads.move_to_end(key)
+                self.word_hits += 1
+                kv = self._heads[key]
+                return best, KVCache([t[:, :, :best] for t in kv.keys], [t[:, :, :best] for t in kv.values])
+        return h, self._head_kv(prompt[:h])
 
     def _head_kv(self, head: tuple[int, ...], *, should_stop: Callable[[], bool] | None = None) -> KVCache | None:
         """The keys and values (1, Hkv, h, D) of a prompt head, from the cache or computed and kept.
@@ -519,20 +544,30 @@ class Engine:
         return await self._submit(self.encode(Turn(text), with_reply=False), self._sampler(steps),
                                   client=client, priority=priority)
 
-    async def prefill(self, turn: Turn) -> bool:
+    async def prefill(self, turn: Turn, *, words: bool = False) -> bool:
         """Compute and keep the keys and values of `turn`'s prompt head (the instruction, a card, the history)
         while the engine is idle, so that a turn with that head later runs only the user's new words. A voice
-        session calls it when a reply has been sent, with the history the next turn will have. It gives way
-        to requests: it stops, keeping the part done, as soon as one is waiting. Returns whether the whole
-        head is ready. `turn.transcript` is not read."""
+        session calls it when a reply has been sent, with the history the next turn will have. With `words`,
+        the user's words so far (`turn.transcript`, a partial transcript) are computed too: a turn whose
+        words begin the same way runs only the rest. It gives way to requests: it stops, keeping the part
+        done, as soon as one is waiting. Returns whether all of it is ready."""
         if self._closed or not self.options.head_cache_tokens or self.cache_mode not in PREFIX_CACHES:
             return False
-        enc = self.encode(replace(turn, transcript="."))
-        head = tuple(enc.prompt[:enc.head])
+        enc = self.encode(turn if words else replace(turn, transcript="."))
+        end = enc.head
+        if words and enc.head:  # the prompt without the message's close and the assistant's opening
+            tail = self.tok.encode(self.chat.close + self.chat.assistant_open)
+            end = len(enc.prompt) - len(tail) if enc.prompt[-len(tail):] == tail else enc.head
+        head = tuple(enc.prompt[:end])
         if not head or self._pending:
             return False
         kv = await asyncio.get_running_loop().run_in_executor(
             self._thread, lambda: self._head_kv(head, should_stop=lambda: bool(self._pending)))
+        if words and kv is not None:  # the utterance's earlier partials are this one's start: drop them
+            with self._heads_lock:
+                for k in [k for k in self._words if len(k) < len(head) and head[:len(k)] == k]:
+                    self._heads.pop(k, None)
+                self._words = {k for k in self._words if k in self._heads} | {head}
         return kv is not None
 
     async def _submit(self, enc: Encoded, sampler: SamplerOptions, **extra) -> TurnResult:

@@ -56,8 +56,10 @@ def test_head_cache_is_exact_and_reused():
     alone = [eng.generate([e], cache="none")[0] for e in encs]
     assert eng.head_hits == 0
     assert eng.generate(encs + encs[:1], cache="exact") == alone + alone[:1]
-    assert eng.head_hits == 1, "rows 0 and 4 share a head: the batch computed it once"
-    assert eng.generate(encs[1:2], cache="exact") == alone[1:2] and eng.head_hits == 2
+    # Rows 0 and 4 share a head, computed once; row 4 reads more of its prompt from row 2's head, which
+    # begins with the same tokens ("user: hi", then the assistant's opening).
+    assert eng.head_hits + eng.word_hits == 1
+    assert eng.generate(encs[1:2], cache="exact") == alone[1:2] and eng.head_hits + eng.word_hits == 2
     assert make_tiny_engine(head_cache_tokens=0).generate(encs, cache="exact") == alone
 
 
@@ -95,6 +97,29 @@ async def test_prefill_readies_the_next_turns_head():
     assert eng.generate([enc]) == make_tiny_engine(head_cache_tokens=0).generate([enc])
     assert eng.head_hits == 1 and ran[0] == len(enc.prompt) - enc.head
     assert not await make_tiny_engine(head_cache_tokens=0).prefill(CONVERSATION[2]), "no cache, no prefill"
+    await eng.close()
+
+
+async def test_prefill_of_the_first_words_spares_them_in_the_turn():
+    """`prefill(words=True)` with a partial transcript computes the prompt through those words; the turn,
+    whose words begin the same way, runs only the rest of its prompt and fills its canvas as without it."""
+    eng = make_tiny_engine()
+    history = CONVERSATION[2].history
+    assert await eng.prefill(Turn("what time does the", history=history), words=True)
+    enc = eng.encode(Turn("what time does the pool close", history=history))
+    ran = _layer_calls(eng)
+    assert eng.generate([enc]) == make_tiny_engine(head_cache_tokens=0).generate([enc])
+    said = len(eng.encode(Turn("what time does the", history=history)).prompt) - len(
+        eng.tok.encode(eng.chat.close + eng.chat.assistant_open))
+    assert eng.word_hits == 1 and ran[0] == len(enc.prompt) - said, (ran, said)
+    assert await eng.prefill(Turn("what time does the pool", history=history), words=True)
+    assert len(eng._heads) == 1, "a later partial of the same words takes the earlier one's place"
+    other = eng.encode(Turn("where is it", history=history))
+    cached = eng.encode(Turn("what time does the pool close", history=history)).prompt
+    shared = next(i for i, (a, b) in enumerate(zip(other.prompt, cached)) if a != b)  # the head, "user:", "wh"
+    ran.clear()
+    assert eng.generate([other]) == make_tiny_engine(head_cache_tokens=0).generate([other])
+    assert ran[0] == len(other.prompt) - shared > len(other.prompt) - said, "other words: what they share"
     await eng.close()
 
 

@@ -238,6 +238,26 @@ async def test_partial_transcripts_while_speaking(real_engine):
     assert any(w in words(partials[0]["text"]) for w in ("please", "tell", "me", "how"))
 
 
+async def test_the_words_heard_so_far_are_computed_while_the_user_speaks(real_engine):
+    """Each partial transcript lets the engine compute the prompt through the words heard so far; the turn
+    then finds them in the cache (`Engine.word_hits`) and runs only what follows."""
+    session = VoiceSession(services(real_engine, tts=False), SessionConfig(partial_every_ms=600, min_partial_ms=500))
+    await session.start()
+    pcm = speech("Please tell me how late the swimming pool stays open tonight.")
+    hits = real_engine.word_hits
+
+    async def realtime():
+        for data in pcm_chunks(pcm, 480):
+            await session.feed(P.Audio(data))
+            await asyncio.sleep(0.03)
+    feeder = asyncio.create_task(realtime())
+    events, _ = await collect(session, "turn.done")
+    await feeder
+    await session.close()
+    assert any(e["type"] == "transcript.partial" for e in events)
+    assert real_engine.word_hits == hits + 1
+
+
 async def test_resampled_input_is_transcribed(real_engine):
     """48 kHz input is resampled to 16 kHz for the VAD and Whisper."""
     session = await start(services(real_engine), input_sample_rate=48000)

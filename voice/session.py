@@ -384,9 +384,11 @@ class ASRStage(_SessionStage):
 
     name = "asr"
 
-    def __init__(self, config: SessionConfig, transcriber, notify: Notify) -> None:
+    def __init__(self, config: SessionConfig, transcriber, notify: Notify,
+                 on_partial: Callable[[str], None] | None = None) -> None:
         super().__init__(config.inbox_size, notify)
         self.config, self.transcriber = config, transcriber
+        self.on_partial = on_partial  # each partial transcript, as it comes (the session prefills its words)
 
     async def _transcribe(self, audio: np.ndarray) -> str:
         asr = self.transcriber
@@ -404,6 +406,8 @@ class ASRStage(_SessionStage):
                 text = await self._transcribe(frame.audio)
                 if text and not u.ended:
                     await self.notify(Say(P.transcript_partial(text)))
+                    if self.on_partial is not None:
+                        self.on_partial(text)
             finally:
                 u.partial_pending = False
         elif isinstance(frame, FinalRequest):
@@ -619,7 +623,7 @@ class VoiceSession:
         notify, synth = self._on_event, services.synthesizer
         self.input = InputStage(config, self.conversation, notify)
         self.stages: list[Stage] = [self.input]
-        for stage in (ASRStage(config, services.transcriber, notify),
+        for stage in (ASRStage(config, services.transcriber, notify, self._prefill_words),
                       TurnStage(config, services.engine, self.conversation, notify, self._on_event_nowait,
                                 client=self.id, steps=self.steps, speak_early=config.speak_early and synth is not None),
                       TTSStage(config, synth, self.output_rate, notify),
@@ -752,17 +756,25 @@ class VoiceSession:
     def _prefill_next_turn(self) -> None:
         """While the reply plays, the engine computes the next turn's prompt head (the history, this turn in
         it), so that turn runs only its new words (`dllm.Engine.prefill`; an engine without it is left be)."""
+        self._prefill(".", words=False)
+
+    def _prefill_words(self, partial: str) -> None:
+        """While the user speaks, the engine computes the prompt through the words heard so far (a partial
+        transcript), so that the turn runs only the words after them, and what Whisper heard differently."""
+        self._prefill(partial, words=True)
+
+    def _prefill(self, text: str, *, words: bool) -> None:
         prefill = getattr(self.services.engine, "prefill", None)
         if prefill is None or self.prefill is not None and not self.prefill.done():
             return
         from dllm import Turn
-        turn = Turn(".", history=self.conversation.history(), knowledge=self.config.knowledge)
+        turn = Turn(text, history=self.conversation.history(), knowledge=self.config.knowledge)
 
         async def run() -> None:
             try:
-                await prefill(turn)
-            except Exception:  # only a head start lost: the next turn computes its head itself
-                log.warning("session %s: the next turn's prefill failed", self.id, exc_info=True)
+                await prefill(turn, words=words)
+            except Exception:  # only a head start lost: the turn computes its prompt itself
+                log.warning("session %s: a prefill failed", self.id, exc_info=True)
         self.prefill = asyncio.create_task(run(), name=f"session-{self.id}-prefill")
 
     def _on_event_nowait(self, event: SayForTurnNow) -> None:

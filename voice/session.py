@@ -31,6 +31,12 @@ path without a trace. Its transcript also judges the end of the turn
 silence has lasted `finished_hangover_ms`, an unfinished one waits
 `unfinished_hangover_ms` instead of the usual hang-over.
 
+Computing the prompt ahead (`dllm.Engine.prefill`, where the engine has
+it): when a turn is done the engine computes the next turn's prompt head,
+the history with that turn in it, while the reply plays; each partial
+transcript lets it compute the prompt through the words heard so far. The
+turn's pass then runs only what is new. A prefill gives way to any request.
+
 Barge-in: when the user starts speaking (or types, or presses stop) while a
 turn is being computed or its reply is still playing, the input stage marks
 the turn interrupted and sends an `Interrupt` down the pipeline. Each stage

@@ -636,7 +636,7 @@ class VoiceSession:
                       OutputStage(config, self.output_rate, notify)):
             self.stages.append(self.stages[-1].link(stage))
         self._tasks: list[asyncio.Task] = []
-        self.prefill: asyncio.Task | None = None  # the next turn's prompt head, computed while a reply plays
+        self.prefill: asyncio.Task | None = None  # the engine computing a prompt ahead (`_prefill`), one at a time
         self.failed: BaseException | None = None
         self.errors = 0
         self.started_at = now()

@@ -387,32 +387,41 @@ class Engine:
 
     def _prompt_start(self, enc: Encoded) -> tuple[int, KVCache | None]:
         """How many of `enc`'s prompt tokens come from the cache, and their keys and values: its head, or
-        more where a prefill of the user's first words (`prefill(..., words=True)`, from a partial
-        transcript) left a run of them that this prompt begins with too; (0, None) with the cache off."""
+        more where a kept entry shares more of the prompt (a prefill of the user's first words, from a
+        partial transcript); (0, None) with the cache off. The last prompt token always runs: the canvas
+        reads its row."""
         h = enc.head if self.options.head_cache_tokens else 0
         if not h:
             return 0, None
         prompt = tuple(enc.prompt)
-        best, key = h, None
+        n, kv = self._shared_run(prompt, longer_than=h, at_most=len(prompt) - 1)
+        if kv is not None:
+            self.word_hits += 1
+            return n, kv
+        return h, self._head_kv(prompt[:h])
+
+    def _shared_run(self, tokens: tuple[int, ...], *, longer_than: int, at_most: int) -> tuple[int, KVCache | None]:
+        """The longest run of `tokens` from their start (more than `longer_than`, at most `at_most` of them)
+        that a kept entry begins with too, and that run's keys and values; (0, None) if none. The prompt is
+        causal, so a shared run's keys and values are the same whatever followed it."""
+        best, key = longer_than, None
         with self._heads_lock:
             for k in self._heads:
-                if len(k) > h and k[:h] == prompt[:h]:
-                    n = h  # the tokens shared past the head; the last prompt token always runs (its row is read)
-                    while n < min(len(k), len(prompt) - 1) and k[n] == prompt[n]:
+                if best < min(len(k), at_most) and k[:best + 1] == tokens[:best + 1]:
+                    n = best + 1
+                    while n < min(len(k), at_most) and k[n] == tokens[n]:
                         n += 1
-                    if n > best:
-                        best, key = n, k
-            if key is not None:
-                self._heads.move_to_end(key)
-                self.word_hits += 1
-                kv = self._heads[key]
-                return best, KVCache([t[:, :, :best] for t in kv.keys], [t[:, :, :best] for t in kv.values])
-        return h, self._head_kv(prompt[:h])
+                    best, key = n, k
+            if key is None:
+                return 0, None
+            self._heads.move_to_end(key)  # in use: the instruction's head, shared by every new conversation, stays
+            kv = self._heads[key]
+        return best, KVCache([t[:, :, :best] for t in kv.keys], [t[:, :, :best] for t in kv.values])
 
     def _head_kv(self, head: tuple[int, ...], *, should_stop: Callable[[], bool] | None = None) -> KVCache | None:
         """The keys and values (1, Hkv, h, D) of a prompt head, from the cache or computed and kept.
 
-        A head not in the cache is computed from the longest cached head it begins with (the same
+        A head not in the cache is computed from the longest run of it a kept entry shares (the same
         conversation a turn ago, or the instruction and card alone): only the tokens past it run. With
         `should_stop`, they run `HEAD_CHUNK` at a time and stop when it says so, keeping the part done
         (a later turn begins from it); then the return value is None."""
@@ -424,13 +433,10 @@ class Engine:
                 self._heads.move_to_end(head)
                 self.head_hits += 1
                 return kv
-            start = max((k for k in self._heads if len(k) < len(head) and head[:len(k)] == k), key=len, default=())
-            kv = self._heads.get(start)
-            if kv is not None:  # in use: the instruction's head, shared by every new conversation, stays
-                self._heads.move_to_end(start)
-        done = len(start)
+        start, kv = self._shared_run(head, longer_than=0, at_most=len(head) - 1)
+        done = start
         while done < len(head):
-            if should_stop is not None and done > len(start) and should_stop():
+            if should_stop is not None and done > start and should_stop():
                 self._keep_head(head[:done], kv)  # a later turn begins from the part done
                 return None
             end = len(head) if should_stop is None else min(len(head), done + HEAD_CHUNK)

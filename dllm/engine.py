@@ -400,13 +400,17 @@ class Engine:
             return n, kv
         return h, self._head_kv(prompt[:h])
 
-    def _shared_run(self, tokens: tuple[int, ...], *, longer_than: int, at_most: int) -> tuple[int, KVCache | None]:
+    def _shared_run(self, tokens: tuple[int, ...], *, longer_than: int, at_most: int,
+                    whole: bool = False) -> tuple[int, KVCache | None]:
         """The longest run of `tokens` from their start (more than `longer_than`, at most `at_most` of them)
-        that a kept entry begins with too, and that run's keys and values; (0, None) if none. The prompt is
-        causal, so a shared run's keys and values are the same whatever followed it."""
+        that a kept entry begins with too (with `whole`, that is all of the entry), and that run's keys and
+        values; (0, None) if none. The prompt is causal, so a shared run's keys and values are the same
+        whatever followed it, up to rounding."""
         best, key = longer_than, None
         with self._heads_lock:
             for k in self._heads:
+                if whole and not (best < len(k) <= at_most and tokens[:len(k)] == k):
+                    continue
                 if best < min(len(k), at_most) and k[:best + 1] == tokens[:best + 1]:
                     n = best + 1
                     while n < min(len(k), at_most) and k[n] == tokens[n]:
@@ -421,7 +425,7 @@ class Engine:
     def _head_kv(self, head: tuple[int, ...], *, should_stop: Callable[[], bool] | None = None) -> KVCache | None:
         """The keys and values (1, Hkv, h, D) of a prompt head, from the cache or computed and kept.
 
-        A head not in the cache is computed from the longest run of it a kept entry shares (the same
+        A head not in the cache is computed from the longest kept head it begins with (the same
         conversation a turn ago, or the instruction and card alone): only the tokens past it run. With
         `should_stop`, they run `HEAD_CHUNK` at a time and stop when it says so, keeping the part done
         (a later turn begins from it); then the return value is None."""
@@ -433,7 +437,9 @@ class Engine:
                 self._heads.move_to_end(head)
                 self.head_hits += 1
                 return kv
-        start, kv = self._shared_run(head, longer_than=0, at_most=len(head) - 1)
+        # From a whole kept head: a run borrowed from another entry would round differently from the head
+        # computed alone, and with int8 canvas steps that moves the eval's scores (docs/MODEL_CARD.md).
+        start, kv = self._shared_run(head, longer_than=0, at_most=len(head) - 1, whole=True)
         done = start
         while done < len(head):
             if should_stop is not None and done > start and should_stop():
